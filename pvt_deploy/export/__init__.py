@@ -1,0 +1,1 @@
+"""torch -> ONNX: export, simplification, precision variants and verification (needs torch and onnx)."""
