@@ -41,7 +41,7 @@ class PVTv2Config:
         lengths = {len(self.depths), len(self.embed_dims), len(self.mlp_ratios), len(self.num_heads)}
         if len(lengths) != 1:
             raise ValueError("depths, embed_dims, mlp_ratios and num_heads must have one entry per stage")
-        for dim, heads in zip(self.embed_dims, self.num_heads):
+        for dim, heads in zip(self.embed_dims, self.num_heads, strict=True):
             if dim % heads != 0:
                 raise ValueError(f"embed dim {dim} is not divisible by {heads} heads")
 
