@@ -43,3 +43,15 @@ class VerificationError(PvtDeployError):
     """``verify`` found a parity threshold exceeded."""
 
     exit_code = 7
+
+
+class DatasetError(PvtDeployError):
+    """A training data folder is missing, empty, or has no usable class folders."""
+
+    exit_code = 8
+
+
+class TrainingError(PvtDeployError):
+    """A training run cannot start or continue (bad options, missing or mismatched resume state)."""
+
+    exit_code = 9

@@ -1,0 +1,169 @@
+"""Supervised fine-tuning (or a linear probe) of a PVT v2 from a birder checkpoint, on class sub-folders.
+
+The initial weights come from any checkpoint ``load_checkpoint`` reads: an MMCR backbone (0 classes), or a
+classifier whose head is replaced. The result is a birder classification checkpoint with ``class_to_idx``,
+which ``pvt-deploy export`` and birder's own ``load_model`` both load.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pvt_deploy.errors import CheckpointError, TrainingError
+from pvt_deploy.model.checkpoint import load_checkpoint, read_checkpoint_file, save_checkpoint
+from pvt_deploy.model.pvt_v2 import BIRDER_LAYER_NORM_EPS, PVTv2
+from pvt_deploy.train import checkpoints as ckpt
+from pvt_deploy.train.augment import AugmentConfig
+from pvt_deploy.train.data import ImageFolder, ViewsDataset
+from pvt_deploy.train.distributed import DistEnv
+from pvt_deploy.train.loop import LoopConfig, TrainTask, run_loop
+from pvt_deploy.train.pretrain import check_same_run
+
+
+@dataclass
+class FinetuneConfig:
+    init: str = ""
+    linear_probe: bool = False
+    size: tuple[int, int] | None = None  # None: the init checkpoint's size
+    aug_level: int = 3
+    min_scale: float = 0.5
+    label_smoothing: float = 0.0
+    layer_norm_eps: float = BIRDER_LAYER_NORM_EPS
+    tag: str = "finetune"
+    rgb_stats: dict[str, Any] | None = field(default=None)  # None: the init checkpoint's
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "init": str(self.init),
+            "linear_probe": self.linear_probe,
+            "size": list(self.size) if self.size else None,
+            "aug_level": self.aug_level,
+            "min_scale": self.min_scale,
+            "label_smoothing": self.label_smoothing,
+            "layer_norm_eps": self.layer_norm_eps,
+            "tag": self.tag,
+        }
+
+
+def load_init(path: str | Path, layer_norm_eps: float) -> tuple[PVTv2, dict[str, Any]]:
+    """The backbone to fine-tune and its rgb_stats; says what to pass instead of a full MMCR training file."""
+    payload = read_checkpoint_file(path)
+    if payload.get("task") == ckpt.SSL_TASK:
+        raise CheckpointError(
+            f"{path} is a whole MMCR training checkpoint; pass its backbone file (<network>_mmcr_<step>.pt) to --init"
+        )
+    loaded = load_checkpoint(path, layer_norm_eps=layer_norm_eps)
+    return loaded.model, loaded.rgb_stats
+
+
+def new_head(model: PVTv2, num_classes: int, seed: int) -> None:
+    """A fresh head sized to the class folders, birder-initialised (trunc-normal 0.02, zero bias), seeded."""
+    model.reset_classifier(num_classes)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    nn.init.trunc_normal_(model.classifier.weight, std=0.02)
+    nn.init.zeros_(model.classifier.bias)
+    torch.random.set_rng_state(generator_state)
+
+
+def train_finetune(
+    data: str | Path,
+    out_dir: str | Path,
+    config: FinetuneConfig,
+    loop: LoopConfig,
+    env: DistEnv,
+    *,
+    resume: bool = False,
+    echo: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    folder = ImageFolder.labelled(data)
+    model, init_rgb = load_init(config.init, config.layer_norm_eps)
+    rgb_stats = config.rgb_stats or init_rgb
+    if config.size is not None:
+        if config.size[0] % 32 or config.size[1] % 32:
+            raise TrainingError(f"--size {config.size[0]}x{config.size[1]} must be a multiple of 32 on both sides")
+        model.size = tuple(config.size)
+    size = tuple(model.size)
+    new_head(model, len(folder.class_to_idx), loop.seed)
+    model.to(env.device)
+    name = f"{model.network}_{config.tag}"
+    description = {
+        "kind": "finetune",
+        **config.describe(),
+        **loop.describe(),
+        "network": model.network,
+        "classes": folder.class_to_idx,
+    }
+
+    start_step, states = 0, None
+    if resume:
+        start_step = ckpt.latest_step(out_dir, name) or 0
+        if start_step == 0:
+            raise TrainingError(f"--resume: no {name}_<step>.pt with its _states.pt in {out_dir}")
+        states = ckpt.load_states(ckpt.step_path(out_dir, name, start_step, states=True))
+        check_same_run(states.get("run", {}), description)
+        resumed = load_checkpoint(ckpt.step_path(out_dir, name, start_step), layer_norm_eps=config.layer_norm_eps)
+        model.load_state_dict(resumed.model.state_dict(), strict=True)
+        echo(f"resuming {name} from step {start_step}")
+
+    if config.linear_probe:
+        for param_name, param in model.named_parameters():
+            param.requires_grad_(param_name.startswith("classifier."))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def set_train_mode() -> None:
+        model.train()
+        if config.linear_probe:  # frozen body: no stochastic depth, features as at inference
+            model.eval()
+            model.classifier.train()
+
+    forward_model: nn.Module = model
+    if env.distributed:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        forward_model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+    def compute_loss(views: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = forward_model(views[:, 0])
+        return F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+
+    def save(step: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> list[Path]:
+        return [
+            save_checkpoint(
+                ckpt.step_path(out_dir, name, step),
+                model,
+                class_to_idx=folder.class_to_idx,
+                rgb_stats=rgb_stats,
+            ),
+            ckpt.save_states(
+                ckpt.step_path(out_dir, name, step, states=True),
+                optimizer=optimizer,
+                scheduler=scheduler,
+                step=step,
+                run=description,
+            ),
+        ]
+
+    if env.is_primary:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run.json").write_text(json.dumps(description, indent=2) + "\n")
+    augment = AugmentConfig(size=size, level=config.aug_level, min_scale=config.min_scale)
+    dataset = ViewsDataset(folder, augment, rgb_stats, n_aug=1)
+    task = TrainTask(
+        model=forward_model,
+        trainable=trainable,
+        dataset=dataset,
+        compute_loss=compute_loss,
+        save=save,
+        set_train_mode=set_train_mode,
+    )
+    return run_loop(task, loop, env, out_dir, start_step=start_step, resume_states=states, echo=echo)

@@ -1,0 +1,160 @@
+"""MMCR self-supervised pretraining of a PVT v2 backbone on a folder of images."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from pvt_deploy.errors import TrainingError
+from pvt_deploy.model.pvt_v2 import BIRDER_LAYER_NORM_EPS, PVT_V2_CONFIGS, create_model
+from pvt_deploy.train import checkpoints as ckpt
+from pvt_deploy.train.augment import BIRDER_RGB_STATS, AugmentConfig, RGBStats
+from pvt_deploy.train.data import ImageFolder, ViewsDataset
+from pvt_deploy.train.distributed import DistEnv
+from pvt_deploy.train.loop import LoopConfig, TrainTask, run_loop
+from pvt_deploy.train.mmcr import DEFAULT_MOMENTUM_TAU, DEFAULT_N_AUG, DEFAULT_PROJECTOR_DIMS, MMCR, mmcr_momentum_loss
+
+
+@dataclass
+class MMCRConfig:
+    network: str = "pvt_v2_b2"
+    size: tuple[int, int] = (224, 224)
+    projector_dims: tuple[int, ...] = DEFAULT_PROJECTOR_DIMS
+    n_aug: int = DEFAULT_N_AUG
+    lambda_coeff: float = 0.0
+    momentum_tau: float = DEFAULT_MOMENTUM_TAU
+    aug_level: int = 8
+    min_scale: float = 0.3
+    layer_norm_eps: float = BIRDER_LAYER_NORM_EPS
+    drop_path_rate: float | None = None
+    rgb_stats: RGBStats = field(default_factory=lambda: dict(BIRDER_RGB_STATS))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "network": self.network,
+            "size": list(self.size),
+            "projector_dims": list(self.projector_dims),
+            "n_aug": self.n_aug,
+            "lambda_coeff": self.lambda_coeff,
+            "momentum_tau": self.momentum_tau,
+            "aug_level": self.aug_level,
+            "min_scale": self.min_scale,
+            "layer_norm_eps": self.layer_norm_eps,
+            "drop_path_rate": self.drop_path_rate,
+        }
+
+
+def build_mmcr(config: MMCRConfig, seed: int) -> MMCR:
+    """Seeded so every rank (and a resumed run, before loading) starts from identical weights."""
+    if config.network not in PVT_V2_CONFIGS:
+        raise TrainingError(f"unknown network {config.network!r}; known: {', '.join(sorted(PVT_V2_CONFIGS))}")
+    if config.size[0] % 32 or config.size[1] % 32:
+        raise TrainingError(f"--size {config.size[0]}x{config.size[1]} must be a multiple of 32 on both sides")
+    overrides = {"drop_path_rate": config.drop_path_rate} if config.drop_path_rate is not None else None
+    torch.manual_seed(seed)
+    backbone = create_model(
+        config.network, 0, size=config.size, layer_norm_eps=config.layer_norm_eps, config_overrides=overrides
+    )
+    return MMCR(backbone, config.projector_dims)
+
+
+def train_mmcr(
+    data: str | Path,
+    out_dir: str | Path,
+    config: MMCRConfig,
+    loop: LoopConfig,
+    env: DistEnv,
+    *,
+    resume: bool = False,
+    echo: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
+    """Pretrain; writes birder-layout checkpoints into ``out_dir`` and returns the last step's metrics."""
+    out_dir = Path(out_dir)
+    folder = ImageFolder.unlabelled(data)
+    augment = AugmentConfig(size=config.size, level=config.aug_level, min_scale=config.min_scale)
+    dataset = ViewsDataset(folder, augment, config.rgb_stats, config.n_aug)
+    net = build_mmcr(config, loop.seed).to(env.device)
+    run_name = ckpt.mmcr_run_name(config.network)
+    backbone_name = ckpt.mmcr_backbone_name(config.network)
+    description = {"kind": "mmcr", **config.describe(), **loop.describe(), "data": str(folder.root)}
+
+    start_step, states = 0, None
+    if resume:
+        start_step, states = _resume(out_dir, run_name, net, description)
+        echo(f"resuming {run_name} from step {start_step}")
+
+    model: torch.nn.Module = net
+    if env.distributed:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        model = DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+
+    def compute_loss(views: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
+        z, z_momentum = model(views)
+        return mmcr_momentum_loss(z, z_momentum, config.n_aug, config.lambda_coeff)
+
+    def save(step: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> list[Path]:
+        return [
+            ckpt.save_ssl_net(
+                ckpt.step_path(out_dir, run_name, step),
+                net,
+                net.backbone,
+                config.rgb_stats,
+                list(config.projector_dims),
+            ),
+            ckpt.save_states(
+                ckpt.step_path(out_dir, run_name, step, states=True),
+                optimizer=optimizer,
+                scheduler=scheduler,
+                step=step,
+                run=description,
+            ),
+            ckpt.save_backbone(ckpt.step_path(out_dir, backbone_name, step), net.backbone, config.rgb_stats),
+        ]
+
+    if env.is_primary:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run.json").write_text(json.dumps(description, indent=2) + "\n")
+    task = TrainTask(
+        model=model,
+        trainable=trainable,
+        dataset=dataset,
+        compute_loss=compute_loss,
+        save=save,
+        after_step=lambda: net.update_momentum(config.momentum_tau),
+        set_train_mode=net.train,
+    )
+    return run_loop(task, loop, env, out_dir, start_step=start_step, resume_states=states, echo=echo)
+
+
+def _resume(out_dir: Path, run_name: str, net: MMCR, description: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    step = ckpt.latest_step(out_dir, run_name)
+    if step is None:
+        raise TrainingError(f"--resume: no {run_name}_<step>.pt with its _states.pt in {out_dir}")
+    states = ckpt.load_states(ckpt.step_path(out_dir, run_name, step, states=True))
+    check_same_run(states.get("run", {}), description)
+    payload = torch.load(ckpt.step_path(out_dir, run_name, step), map_location="cpu", weights_only=True)
+    net.load_state_dict(payload["state"], strict=True)
+    return step, states
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """A resumed run must use the settings that shape the remaining steps, or it would not be a continuation."""
+    ignored = {"workers", "checkpoint_every", "stop_at", "log_every", "progress", "data"}
+    changed = [
+        f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if key not in ignored and _normal(saved.get(key)) != _normal(current.get(key))
+    ]
+    if changed:
+        raise TrainingError("--resume with different settings than the checkpointed run (" + "; ".join(changed) + ")")
+
+
+def _normal(value: Any) -> Any:
+    return json.loads(json.dumps(value))
