@@ -1,0 +1,435 @@
+"""``export_model``: checkpoint -> classify/embed/features ONNX graphs + manifest, verified before it returns.
+
+Everything is written into a hidden sibling folder and renamed into place only after every graph has passed
+its batch (and size) sweep against PyTorch, so an interrupted or failed export never leaves a partial folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from pvt_deploy import __version__
+from pvt_deploy.errors import ExportError, PvtDeployError
+from pvt_deploy.export import onnx_io, precision
+from pvt_deploy.export.graphs import reference_all, wrap
+from pvt_deploy.export.parity import GraphParity, output_metrics
+from pvt_deploy.export.source import ExportSource, resolve_export_source
+from pvt_deploy.manifest import (
+    FORMAT_VERSION,
+    GRAPH_NAMES,
+    GRAPH_OUTPUTS,
+    INPUT_NAME,
+    MANIFEST_NAME,
+    PRECISIONS,
+    MetadataKey,
+    file_record,
+    graph_filename,
+    write_manifest,
+)
+from pvt_deploy.model.checkpoint import LoadedCheckpoint
+from pvt_deploy.model.pvt_v2 import BIRDER_LAYER_NORM_EPS
+
+BATCH_SWEEP = (1, 2, 3, 7)
+"""Batches every graph runs at after export; 2+ catches a batch size baked into a Reshape."""
+DYNAMIC_SIZE_STEPS = (-4, -2, 0, 2)
+"""--dynamic-size checks the export size plus these multiples of 32 (384 -> 256, 320, 384, 448)."""
+SHARED_WEIGHTS_NAME = "weights.bin"
+SHARE_WEIGHTS = True
+"""One external-data file for the three fp32 graphs (measured in docs/export.md)."""
+RESIZE_RULE = {
+    "interpolation": "bicubic",
+    "antialias": True,
+    "center_crop": 1.0,
+    "rule": "resize both sides to input_size / center_crop (aspect not kept), center-crop to input_size, "
+    "scale to [0, 1], normalise with rgb_stats (birder's inference_preset)",
+}
+SWEEP_SEED = 1234
+
+Progress = Callable[[str], None]
+
+
+def dynamic_check_sizes(size: tuple[int, int]) -> list[tuple[int, int]]:
+    """Sizes the --dynamic-size sweep runs: the export size and 32-multiples around it (never below 32)."""
+    sizes = {(max(32, size[0] + 32 * step), max(32, size[1] + 32 * step)) for step in DYNAMIC_SIZE_STEPS}
+    return sorted(sizes)
+
+
+def default_out_dir(source: ExportSource) -> Path:
+    suffix = "-random-weights" if source.random_weights else ""
+    return Path("exported") / f"{source.model_name}{suffix}"
+
+
+def ort_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportError(f"{path.name}: onnxruntime cannot load it: {exc}") from exc
+
+
+class ReferenceCache:
+    """PyTorch outputs per (batch, size) input, computed once and shared by the three graphs."""
+
+    def __init__(self, source: ExportSource) -> None:
+        self.model = source.model
+        self._cache: dict[tuple[int, int, int], tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+
+    def get(self, batch: int, size: tuple[int, int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        key = (batch, *size)
+        if key not in self._cache:
+            generator = torch.Generator().manual_seed(SWEEP_SEED + 1000 * batch + size[0] + 7 * size[1])
+            x = torch.randn(batch, 3, *size, generator=generator)
+            outputs = {name: t.numpy() for name, t in reference_all(self.model, x).items()}
+            self._cache[key] = (x.numpy(), outputs)
+        return self._cache[key]
+
+
+def sweep_cases(size: tuple[int, int], dynamic_size: bool) -> list[tuple[int, tuple[int, int]]]:
+    cases = [(batch, size) for batch in BATCH_SWEEP]
+    if dynamic_size:
+        cases += [(2, other) for other in dynamic_check_sizes(size) if other != size]
+    return cases
+
+
+def sweep_parity(
+    path: Path, graph: str, precision_name: str, cache: ReferenceCache, cases: Sequence[tuple[int, tuple[int, int]]]
+) -> GraphParity:
+    """Run the graph at every (batch, size) case and compare each output with PyTorch."""
+    session = ort_session(path)
+    result = GraphParity(graph, precision_name)
+    for batch, size in cases:
+        x, reference = cache.get(batch, size)
+        try:
+            got = session.run(list(GRAPH_OUTPUTS[graph]), {INPUT_NAME: x})
+        except Exception as exc:
+            raise ExportError(f"{path.name}: onnxruntime failed at batch {batch}, {size[0]}x{size[1]}: {exc}") from exc
+        for name, value in zip(GRAPH_OUTPUTS[graph], got, strict=True):
+            try:
+                result.add(name, output_metrics(name, reference[name], value))
+            except ValueError as exc:
+                raise ExportError(f"{path.name} at batch {batch}, {size[0]}x{size[1]}: {exc}") from None
+        result.runs.append([batch, size[0], size[1]])
+    return result.judge()
+
+
+def graph_metadata(source: ExportSource, graph: str, precision_name: str, dynamic_size: bool) -> dict[str, str]:
+    return {
+        MetadataKey.LABELS: json.dumps(source.labels),
+        MetadataKey.RGB_STATS: json.dumps(source.rgb_stats),
+        MetadataKey.INPUT_SIZE: json.dumps(list(source.size)),
+        MetadataKey.DYNAMIC_SIZE: "true" if dynamic_size else "false",
+        MetadataKey.RESIZE: json.dumps(RESIZE_RULE),
+        MetadataKey.LAYER_NORM_EPS: repr(float(source.layer_norm_eps)),
+        MetadataKey.NETWORK: source.network,
+        MetadataKey.GRAPH: graph,
+        MetadataKey.PRECISION: precision_name,
+        MetadataKey.SOURCE_SHA256: source.sha256,
+        MetadataKey.BIRDER_VERSION: source.birder_version,
+        MetadataKey.PVT_DEPLOY_VERSION: __version__,
+        MetadataKey.RANDOM_WEIGHTS: "true" if source.random_weights else "false",
+    }
+
+
+def _parse_precisions(precisions: Iterable[str]) -> list[str]:
+    wanted = [p.strip().lower() for p in precisions if p.strip()]
+    unknown = [p for p in wanted if p not in PRECISIONS]
+    if unknown:
+        raise ExportError(f"unknown precision {unknown[0]!r}; choose from {', '.join(PRECISIONS)}")
+    ordered = ["fp32"] + [p for p in PRECISIONS if p in wanted and p != "fp32"]
+    return ordered
+
+
+def _calibration_batches(calib_dir: Path | None, source: ExportSource, batch: int = 8) -> list[np.ndarray]:
+    """Preprocessed real photos for int8 calibration (random inputs if no folder is given)."""
+    if calib_dir is None:
+        rng = np.random.default_rng(0)
+        return [rng.standard_normal((batch, 3, *source.size), dtype=np.float32) for _ in range(2)]
+    from pvt_deploy.preprocess import load_image, preprocess
+
+    calib_dir = Path(calib_dir)
+    if not calib_dir.is_dir():
+        raise ExportError(f"--calib {calib_dir}: not a folder")
+    files = sorted(p for p in calib_dir.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+    if not files:
+        raise ExportError(f"--calib {calib_dir}: no images found")
+    images = [load_image(p) for p in files]
+    tensors = preprocess(images, source.size, source.rgb_stats)
+    return [tensors[i : i + batch] for i in range(0, len(tensors), batch)]
+
+
+def _try_optimize_fp32(path: Path, graph: str, cache: ReferenceCache, cases: Sequence, log: Progress) -> dict:
+    """Apply the speed work's fp32 rewrite when it exists, and keep it only if parity still holds."""
+    candidate = path.with_name(path.stem + ".optimized.onnx")
+    try:
+        description = precision.optimize_fp32(path, candidate)
+    except NotImplementedError:
+        return {"applied": False, "reason": "optimize_fp32 not implemented"}
+    except PvtDeployError as exc:
+        candidate.unlink(missing_ok=True)
+        return {"applied": False, "reason": f"optimize_fp32 failed: {exc}"}
+    try:
+        onnx_io.check_graph(candidate)
+        parity = sweep_parity(candidate, graph, "fp32", cache, cases)
+    except ExportError as exc:
+        candidate.unlink(missing_ok=True)
+        log(f"  {graph}: optimized graph rejected ({exc})")
+        return {"applied": False, "reason": f"rejected: {exc}"}
+    if not parity.passed:
+        candidate.unlink(missing_ok=True)
+        log(f"  {graph}: optimized graph rejected (parity: {'; '.join(parity.failures())})")
+        return {"applied": False, "reason": "rejected: parity", "failures": parity.failures()}
+    candidate.replace(path)
+    return {"applied": True, **(description or {})}
+
+
+def _versions() -> dict[str, str]:
+    import onnxsim
+
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "onnxsim": str(getattr(onnxsim, "__version__", "unknown")),
+        "numpy": np.__version__,
+        "pvt_deploy": __version__,
+    }
+
+
+def _check_destination(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir} already exists; pass --force to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a folder")
+
+
+def _move_into_place(tmp_dir: Path, out_dir: Path, force: bool) -> None:
+    """Rename the finished folder into place; with --force the old folder goes only after the new one is in."""
+    _check_destination(out_dir, force)
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        out_dir.rename(old)
+    try:
+        tmp_dir.rename(out_dir)
+    except OSError:
+        if old is not None:
+            old.rename(out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _staging_dir(out_dir: Path):
+    """A hidden sibling folder that is removed on any failure, KeyboardInterrupt included."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    tmp_dir.mkdir()
+    try:
+        yield tmp_dir
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    finally:
+        if tmp_dir.exists() and not out_dir.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def export_model(
+    source_or_loaded: str | Path | LoadedCheckpoint,
+    out_dir: str | Path | None = None,
+    *,
+    random_weights: bool = False,
+    network: str | None = None,
+    dynamic_size: bool = False,
+    opset: int | None = None,
+    exporter: str | None = None,
+    simplifier: str | None = None,
+    precisions: Iterable[str] = ("fp32",),
+    calib_dir: str | Path | None = None,
+    force: bool = False,
+    layer_norm_eps: float = BIRDER_LAYER_NORM_EPS,
+    size: tuple[int, int] | None = None,
+    share_weights: bool | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Export, check and verify; returns the manifest written to ``out_dir/manifest.json``.
+
+    ``size`` only applies to random weights (a checkpoint exports at its signature's size)."""
+    log = progress or (lambda message: None)
+    wanted = _parse_precisions(precisions)
+    exporter = exporter or onnx_io.DEFAULT_EXPORTER
+    opset = opset or onnx_io.DEFAULT_OPSET
+    simplifier = simplifier or onnx_io.DEFAULT_SIMPLIFIER
+    share = SHARE_WEIGHTS if share_weights is None else share_weights
+    if exporter not in onnx_io.EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(onnx_io.EXPORTERS)}")
+    if not 7 <= opset <= 25:
+        raise ExportError(f"--opset {opset} is outside the range torch can export (7..25)")
+    if out_dir is not None:
+        _check_destination(Path(out_dir), force)  # fail before loading anything heavy
+
+    source = resolve_export_source(
+        source_or_loaded, random_weights=random_weights, network=network, layer_norm_eps=layer_norm_eps, size=size
+    )
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(source)
+    _check_destination(out_dir, force)
+    if source.random_weights:
+        seed = source.record["random_weights"]["seed"]
+        log(f"RANDOM WEIGHTS: {source.model_name} is exported untrained (seed {seed}); not a usable classifier")
+    log(f"Exporting {source.network} ({len(source.labels)} classes, {source.size[0]}x{source.size[1]}) to {out_dir}")
+
+    cache = ReferenceCache(source)
+    cases = sweep_cases(source.size, dynamic_size)
+    started = time.perf_counter()
+    graphs: dict[str, dict[str, Any]] = {}
+    parity: dict[str, Any] = {"export": {}}
+    steps: dict[str, Any] = {}
+
+    with _staging_dir(out_dir) as tmp_dir:
+        fp32_paths: list[Path] = []
+        for graph in GRAPH_NAMES:
+            path = tmp_dir / graph_filename(graph)
+            t0 = time.perf_counter()
+            onnx_io.export_graph(
+                wrap(source.model, graph),
+                graph,
+                path,
+                size=source.size,
+                dynamic_size=dynamic_size,
+                exporter=exporter,
+                opset=opset,
+            )
+            simplified = onnx_io.simplify_graph(path, simplifier)
+            optimized = _try_optimize_fp32(path, graph, cache, cases, log)
+            onnx_io.set_metadata(path, graph_metadata(source, graph, "fp32", dynamic_size))
+            onnx_io.check_graph(path)
+            result = sweep_parity(path, graph, "fp32", cache, cases)
+            if not result.passed:
+                raise ExportError(f"{graph}.onnx failed parity with PyTorch: {'; '.join(result.failures())}")
+            parity["export"][f"{graph}/fp32"] = result.to_json()
+            steps[graph] = {"simplify": simplified, "optimize_fp32": optimized}
+            fp32_paths.append(path)
+            log(
+                f"  {graph}.onnx: exported, simplified and matched PyTorch at {len(cases)} shapes "
+                f"({time.perf_counter() - t0:.1f}s)"
+            )
+
+        variants: dict[tuple[str, str], dict[str, Any]] = {}
+        if len(wanted) > 1:
+            calibration = _calibration_batches(Path(calib_dir) if calib_dir else None, source)
+            for precision_name in wanted[1:]:
+                for graph, fp32_path in zip(GRAPH_NAMES, fp32_paths, strict=True):
+                    variants[(graph, precision_name)] = _make_variant(
+                        fp32_path, graph, precision_name, source, dynamic_size, calibration, cache, cases, parity, log
+                    )
+
+        sharing = None
+        if share:
+            sharing = onnx_io.share_external_weights(fp32_paths, SHARED_WEIGHTS_NAME)
+            for graph, path in zip(GRAPH_NAMES, fp32_paths, strict=True):
+                onnx_io.check_graph(path)
+                reloaded = sweep_parity(path, graph, "fp32", cache, [(2, source.size)])
+                if not reloaded.passed:
+                    raise ExportError(f"{path.name} changed after moving weights to {SHARED_WEIGHTS_NAME}")
+            log(
+                f"  weights shared in {SHARED_WEIGHTS_NAME}: {sharing['bytes_before'] / 1e6:.1f} MB -> "
+                f"{sharing['bytes_after'] / 1e6:.1f} MB on disk"
+            )
+
+        for graph, path in zip(GRAPH_NAMES, fp32_paths, strict=True):
+            graphs.setdefault(graph, {})["fp32"] = {"file": path.name, **onnx_io.describe_io(path)}
+        for (graph, precision_name), description in variants.items():
+            variant_path = tmp_dir / graph_filename(graph, precision_name)
+            graphs[graph][precision_name] = {
+                "file": variant_path.name,
+                **onnx_io.describe_io(variant_path),
+                "variant": description,
+            }
+
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "model_name": source.model_name,
+            "network": source.network,
+            "random_weights": source.random_weights,
+            "source": source.record,
+            "input": {
+                "name": INPUT_NAME,
+                "size": list(source.size),
+                "dynamic_size": dynamic_size,
+                "dtype": "float32",
+                "layout": "NCHW",
+                "rgb_stats": source.rgb_stats,
+                "resize": RESIZE_RULE,
+            },
+            "layer_norm_eps": source.layer_norm_eps,
+            "num_classes": len(source.labels),
+            "labels": source.labels,
+            "files": {
+                p.name: file_record(p) for p in sorted(tmp_dir.iterdir()) if p.is_file() and p.name != MANIFEST_NAME
+            },
+            "graphs": graphs,
+            "export": {
+                "exporter": exporter,
+                "opset": opset,
+                "simplifier": simplifier,
+                "steps": steps,
+                "shared_weights": sharing,
+                "choice": "see docs/export.md (dev/bench_exporters.py)",
+                "versions": _versions(),
+                "seconds": round(time.perf_counter() - started, 1),
+            },
+            "parity": parity,
+        }
+        write_manifest(tmp_dir, manifest)
+        _move_into_place(tmp_dir, out_dir, force)
+    log(f"Done: {out_dir} ({len(manifest['files'])} files, every graph matched PyTorch)")
+    return manifest
+
+
+def _make_variant(
+    fp32_path: Path,
+    graph: str,
+    precision_name: str,
+    source: ExportSource,
+    dynamic_size: bool,
+    calibration: list[np.ndarray],
+    cache: ReferenceCache,
+    cases: Sequence,
+    parity: dict[str, Any],
+    log: Progress,
+) -> dict[str, Any]:
+    out_path = fp32_path.with_name(graph_filename(graph, precision_name))
+    batches = calibration if precision_name == "int8" else None
+    try:
+        description = precision.make_variant(fp32_path, precision_name, out_path, calibration_batches=batches)
+    except NotImplementedError:
+        raise ExportError(f"--precision {precision_name} is not available yet (make_variant not implemented)") from None
+    except PvtDeployError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"{graph}: making the {precision_name} variant failed: {type(exc).__name__}: {exc}") from exc
+    onnx_io.set_metadata(out_path, graph_metadata(source, graph, precision_name, dynamic_size))
+    onnx_io.check_graph(out_path)
+    result = sweep_parity(out_path, graph, precision_name, cache, cases)
+    if not result.passed:
+        raise ExportError(f"{out_path.name} failed its {precision_name} parity: {'; '.join(result.failures())}")
+    parity["export"][f"{graph}/{precision_name}"] = result.to_json()
+    log(f"  {out_path.name}: {precision_name} variant matched PyTorch within its thresholds")
+    return dict(description or {})
