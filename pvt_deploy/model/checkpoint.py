@@ -2,7 +2,7 @@
 
 birder's ``.pt`` file is a plain dict saved with ``torch.save``::
 
-    {"state": state_dict, "birder_version": "0.8.4", "task": "image_classification",
+    {"state": state_dict, "birder_version": "v0.8.4", "task": "image_classification",
      "signature": {"inputs": [{"data_shape": [0, 3, H, W]}], "outputs": [{"data_shape": [0, num_classes]}]},
      "class_to_idx": {label: index}, "rgb_stats": {"mean": (r, g, b), "std": (r, g, b)},
      "config": {...}}            # only when the net is not a stock birder config
@@ -34,8 +34,8 @@ from pvt_deploy.model.pvt_v2 import (
     PVTv2Config,
 )
 
-BIRDER_FORMAT_VERSION = "0.8.4"
-"""The birder release whose checkpoint layout we read and write (stored as ``birder_version`` when saving)."""
+BIRDER_FORMAT_VERSION = "v0.8.4"
+"""The birder release whose checkpoint layout we write, spelled like birder's ``__version__`` (with a "v")."""
 
 CLASSIFICATION_TASK = "image_classification"
 _REQUIRED_KEYS = ("state", "signature", "class_to_idx", "rgb_stats")
