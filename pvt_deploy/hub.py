@@ -1,0 +1,252 @@
+"""Published birder PVT v2 weights: where they live, and a verified, atomic download into a local cache (no torch).
+
+The registry repeats birder 0.8.4's ``register_weights`` entries for the PVT v2 B2 bird classifiers
+(``birder/net/pvt_v2.py``): the file is ``<base_url>/<name>.pt`` and is checked against its published sha256.
+
+Cache folder, first that is set: the ``cache_dir`` argument (CLI ``--cache-dir``), ``$PVT_DEPLOY_CACHE``,
+``~/.cache/pvt-deploy``. Base URL, first that is set: the ``base_url`` argument, ``$PVT_DEPLOY_BASE_URL`` (tests
+point it at a local server), the registry's URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from pvt_deploy.errors import CheckpointError, DownloadError
+
+CACHE_ENV = "PVT_DEPLOY_CACHE"
+BASE_URL_ENV = "PVT_DEPLOY_BASE_URL"
+DEFAULT_CACHE_DIR = Path("~/.cache/pvt-deploy")
+BIRDER_HUB_URL = "https://huggingface.co/birder-project/pvt_v2_b2_mmcr-il-all/resolve/main"
+_CHUNK = 1 << 20
+_USER_AGENT = "pvt-deploy"
+
+
+@dataclass(frozen=True)
+class PublishedWeights:
+    """One published checkpoint (birder's registry entry)."""
+
+    name: str
+    network: str
+    resolution: tuple[int, int]
+    sha256: str
+    file_size_mb: float  # as birder's registry states it (approximate, MB)
+    base_url: str
+    description: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.pt"
+
+
+_DESCRIPTION = "PVT v2 B2 model pretrained using MMCR, then fine-tuned on the il-all dataset (550 bird species)"
+
+PUBLISHED: dict[str, PublishedWeights] = {
+    weights.name: weights
+    for weights in (
+        PublishedWeights(
+            name="pvt_v2_b2_mmcr-il-all",
+            network="pvt_v2_b2",
+            resolution=(384, 384),
+            sha256="c0ffa0feb298e40c4335347ff648fe952fb0310e4c931d79be96a6af6bcbf1eb",
+            file_size_mb=96.0,
+            base_url=BIRDER_HUB_URL,
+            description=_DESCRIPTION,
+        ),
+        PublishedWeights(
+            name="pvt_v2_b2_mmcr-il-all256px",
+            network="pvt_v2_b2",
+            resolution=(256, 256),
+            sha256="1b160a37d6fdd172ba21842de2d32cf2cc9524db155218a6949be81b88a70fe4",
+            file_size_mb=96.0,
+            base_url=BIRDER_HUB_URL,
+            description=_DESCRIPTION + ", at 256 px",
+        ),
+    )
+}
+
+
+def published(name: str) -> PublishedWeights:
+    try:
+        return PUBLISHED[name]
+    except KeyError:
+        known = ", ".join(sorted(PUBLISHED))
+        raise DownloadError(f"unknown published model {name!r}; known: {known}") from None
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """The cache folder (argument, then ``$PVT_DEPLOY_CACHE``, then ``~/.cache/pvt-deploy``); not created here."""
+    chosen = override if override is not None else os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
+    return Path(chosen).expanduser()
+
+
+_resolve_cache_dir = cache_dir  # ``download``/``resolve_source`` take a ``cache_dir`` argument that shadows it
+
+
+def url_for(name: str, base_url: str | None = None) -> str:
+    weights = published(name)
+    base = base_url or os.environ.get(BASE_URL_ENV) or weights.base_url
+    return f"{base.rstrip('/')}/{weights.filename}"
+
+
+def cached_path(name: str, cache_dir_override: str | os.PathLike | None = None) -> Path:
+    return cache_dir(cache_dir_override) / published(name).filename
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _Progress:
+    """A one-line progress display on stderr; silent when disabled or when stderr is not a terminal."""
+
+    def __init__(self, label: str, total: int | None, enabled: bool) -> None:
+        self.label = label
+        self.total = total
+        self.live = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+        self._last = 0.0
+
+    def update(self, done: int, force: bool = False) -> None:
+        if not self.live:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.2:
+            return
+        self._last = now
+        mb = done / 1e6
+        if self.total:
+            line = f"{self.label}: {mb:.1f}/{self.total / 1e6:.1f} MB ({100 * done / self.total:.0f}%)"
+        else:
+            line = f"{self.label}: {mb:.1f} MB"
+        sys.stderr.write("\r" + line)
+        sys.stderr.flush()
+
+    def close(self, done: int) -> None:
+        if self.live:
+            self.update(done, force=True)
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _stream(response: IO[bytes], handle: IO[bytes], total: int | None, progress: _Progress) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    done = 0
+    while chunk := response.read(_CHUNK):
+        handle.write(chunk)
+        digest.update(chunk)
+        done += len(chunk)
+        progress.update(done)
+    progress.close(done)
+    return done, digest.hexdigest()
+
+
+def _fetch(url: str, handle: IO[bytes], label: str, progress: bool, timeout: float) -> tuple[int | None, int, str]:
+    """Stream ``url`` into ``handle``; returns (Content-Length or None, bytes received, sha256 hex)."""
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            done, digest = _stream(response, handle, total, _Progress(label, total, progress))
+    except urllib.error.HTTPError as exc:
+        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise DownloadError(f"{url}: cannot connect ({exc.reason})") from None
+    except (http.client.HTTPException, OSError) as exc:
+        raise DownloadError(f"{url}: download interrupted ({type(exc).__name__}: {exc})") from None
+    return total, done, digest
+
+
+def download(
+    name: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    base_url: str | None = None,
+    progress: bool = True,
+    timeout: float = 60.0,
+) -> Path:
+    """Fetch a published checkpoint into the cache and return its path; reuse a cached copy whose sha256 matches.
+
+    The file is streamed into a temp file in the cache folder, fsynced, checked against the published sha256 and
+    only then renamed into place, so an interrupted or corrupted download never leaves a file under the final
+    name. Failures raise ``DownloadError`` with one line (a checksum mismatch says expected vs got)."""
+    weights = published(name)
+    folder = _resolve_cache_dir(cache_dir)
+    final = folder / weights.filename
+    if final.is_file():
+        if sha256_of(final) == weights.sha256:
+            return final
+        if progress:
+            sys.stderr.write(f"{final}: cached file fails its sha256 check; downloading it again\n")
+    url = url_for(name, base_url)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(f"cannot create cache folder {folder} ({exc.strerror or exc})") from None
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{weights.filename}.", suffix=".part", dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if progress:
+                sys.stderr.write(f"Downloading {url} -> {final}\n")
+            total, done, digest = _fetch(url, handle, name, progress, timeout)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if total is not None and done != total:
+            raise DownloadError(f"{url}: download interrupted: got {done} of {total} bytes")
+        if digest != weights.sha256:
+            raise DownloadError(
+                f"{url}: sha256 mismatch: expected {weights.sha256}, got {digest}; the downloaded file was deleted"
+            )
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)  # a no-op after the rename; removes the partial file on any failure
+    return final
+
+
+def resolve_source(
+    source: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    base_url: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """A checkpoint path, or a published name (downloaded into the cache if needed) -> local file path."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, expected a checkpoint file or a published name")
+    if str(source) in PUBLISHED:
+        return download(str(source), cache_dir=cache_dir, base_url=base_url, progress=progress)
+    known = ", ".join(sorted(PUBLISHED))
+    raise CheckpointError(f"{source}: no such file, and not a published model name (known: {known})")
+
+
+__all__ = [
+    "BASE_URL_ENV",
+    "CACHE_ENV",
+    "PUBLISHED",
+    "PublishedWeights",
+    "cache_dir",
+    "cached_path",
+    "download",
+    "published",
+    "resolve_source",
+    "url_for",
+]

@@ -1,0 +1,205 @@
+"""Published-weights registry and the cached, verified, atomic download, against a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pvt_deploy import hub
+from pvt_deploy.cli import cli
+from pvt_deploy.errors import CheckpointError, DownloadError
+
+NAME = "pvt_v2_b2_mmcr-il-all"
+PAYLOAD = bytes(range(256)) * 5000  # 1.28 MB: several 1 MiB chunks
+
+
+class _Server:
+    """Serves ``files`` (path -> bytes); ``truncate`` sends a full Content-Length but only half the body."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.truncate = False
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                server.requests.append(self.path)
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404, "Not Found")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2] if server.truncate else body)
+                self.wfile.flush()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/models"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> _Server:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Server]:
+    """A local server holding PAYLOAD as NAME.pt, with NAME's published sha256 swapped for PAYLOAD's."""
+    monkeypatch.setitem(hub.PUBLISHED, NAME, replace(hub.PUBLISHED[NAME], sha256=hashlib.sha256(PAYLOAD).hexdigest()))
+    monkeypatch.delenv(hub.BASE_URL_ENV, raising=False)
+    monkeypatch.delenv(hub.CACHE_ENV, raising=False)
+    with _Server() as srv:
+        srv.files[f"/models/{NAME}.pt"] = PAYLOAD
+        yield srv
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_registry_holds_the_published_b2_checkpoints() -> None:
+    assert hub.PUBLISHED["pvt_v2_b2_mmcr-il-all"].resolution == (384, 384)
+    assert hub.PUBLISHED["pvt_v2_b2_mmcr-il-all"].sha256 == (
+        "c0ffa0feb298e40c4335347ff648fe952fb0310e4c931d79be96a6af6bcbf1eb"
+    )
+    assert hub.PUBLISHED["pvt_v2_b2_mmcr-il-all256px"].resolution == (256, 256)
+    assert hub.PUBLISHED["pvt_v2_b2_mmcr-il-all256px"].sha256 == (
+        "1b160a37d6fdd172ba21842de2d32cf2cc9524db155218a6949be81b88a70fe4"
+    )
+    assert {w.network for w in hub.PUBLISHED.values()} == {"pvt_v2_b2"}
+
+
+def test_default_url_is_birders_and_env_overrides_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(hub.BASE_URL_ENV, raising=False)
+    assert hub.url_for("pvt_v2_b2_mmcr-il-all256px") == (
+        "https://huggingface.co/birder-project/pvt_v2_b2_mmcr-il-all/resolve/main/pvt_v2_b2_mmcr-il-all256px.pt"
+    )
+    monkeypatch.setenv(hub.BASE_URL_ENV, "http://mirror.example/w/")
+    assert hub.url_for(NAME) == f"http://mirror.example/w/{NAME}.pt"
+    assert hub.url_for(NAME, base_url="http://other") == f"http://other/{NAME}.pt"
+
+
+def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(hub.CACHE_ENV, raising=False)
+    assert hub.cache_dir() == Path("~/.cache/pvt-deploy").expanduser()
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "env"))
+    assert hub.cache_dir() == tmp_path / "env"
+    assert hub.cache_dir(tmp_path / "arg") == tmp_path / "arg"
+
+
+def test_unknown_name_is_a_download_error() -> None:
+    with pytest.raises(DownloadError, match="unknown published model 'nope'"):
+        hub.download("nope")
+
+
+def test_download_verifies_and_caches(server: _Server, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    path = hub.download(NAME, cache_dir=cache, base_url=server.base_url, progress=False)
+    assert path == cache / f"{NAME}.pt"
+    assert path.read_bytes() == PAYLOAD
+    assert _leftovers(cache) == [f"{NAME}.pt"]  # no temp file left behind
+    again = hub.download(NAME, cache_dir=cache, base_url=server.base_url, progress=False)
+    assert again == path
+    assert server.requests == [f"/models/{NAME}.pt"]  # the verified cached copy was reused
+
+
+def test_download_uses_env_cache_and_base_url(server: _Server, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "envcache"))
+    monkeypatch.setenv(hub.BASE_URL_ENV, server.base_url)
+    path = hub.download(NAME, progress=False)
+    assert path == tmp_path / "envcache" / f"{NAME}.pt"
+    assert path.read_bytes() == PAYLOAD
+
+
+def test_sha_mismatch_deletes_the_file_and_says_expected_vs_got(server: _Server, tmp_path: Path) -> None:
+    tampered = PAYLOAD[:-1] + b"\x00"
+    server.files[f"/models/{NAME}.pt"] = tampered
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError) as info:
+        hub.download(NAME, cache_dir=cache, base_url=server.base_url, progress=False)
+    message = str(info.value)
+    assert "sha256 mismatch" in message
+    assert f"expected {hashlib.sha256(PAYLOAD).hexdigest()}" in message
+    assert f"got {hashlib.sha256(tampered).hexdigest()}" in message
+    assert _leftovers(cache) == []
+
+
+def test_interrupted_download_leaves_no_file(server: _Server, tmp_path: Path) -> None:
+    server.truncate = True
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError, match="interrupted"):
+        hub.download(NAME, cache_dir=cache, base_url=server.base_url, progress=False)
+    assert _leftovers(cache) == []
+
+
+def test_http_error_and_unreachable_server(server: _Server, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        hub.download(NAME, cache_dir=tmp_path, base_url=server.base_url + "/missing", progress=False)
+    with pytest.raises(DownloadError, match="cannot connect"):
+        hub.download(NAME, cache_dir=tmp_path, base_url="http://127.0.0.1:9", progress=False, timeout=5)
+    assert _leftovers(tmp_path) == []
+
+
+def test_corrupted_cached_file_is_downloaded_again(server: _Server, tmp_path: Path) -> None:
+    (tmp_path / f"{NAME}.pt").write_bytes(b"corrupted")
+    path = hub.download(NAME, cache_dir=tmp_path, base_url=server.base_url, progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert len(server.requests) == 1
+
+
+def test_resolve_source(server: _Server, tmp_path: Path) -> None:
+    local = tmp_path / "mine.pt"
+    local.write_bytes(b"x")
+    assert hub.resolve_source(local) == local
+    assert hub.resolve_source(str(local)) == local
+    cached = hub.resolve_source(NAME, cache_dir=tmp_path / "c", base_url=server.base_url, progress=False)
+    assert cached.read_bytes() == PAYLOAD
+    with pytest.raises(CheckpointError, match="not a published model name"):
+        hub.resolve_source(tmp_path / "absent.pt")
+    with pytest.raises(CheckpointError, match="is a folder"):
+        hub.resolve_source(tmp_path)
+
+
+def test_cli_download_prints_the_path(server: _Server, tmp_path: Path) -> None:
+    cache = tmp_path / "cli-cache"
+    result = CliRunner().invoke(cli, ["download", NAME, "--cache-dir", str(cache), "--base-url", server.base_url, "-q"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(cache / f"{NAME}.pt")
+    assert (cache / f"{NAME}.pt").read_bytes() == PAYLOAD
+
+
+def test_cli_download_failure_is_one_line_and_exit_code_3(server: _Server, tmp_path: Path) -> None:
+    server.files.clear()
+    result = CliRunner().invoke(cli, ["download", NAME, "--cache-dir", str(tmp_path), "--base-url", server.base_url])
+    assert result.exit_code == DownloadError.exit_code
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "HTTP 404" in errors[0]
+    assert "Traceback" not in result.output
+
+
+def test_hub_and_preprocess_never_import_torch() -> None:
+    code = (
+        "import sys; import pvt_deploy.hub, pvt_deploy.preprocess, pvt_deploy.cli.model_cmds; "
+        "bad = [m for m in ('torch', 'onnx') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
