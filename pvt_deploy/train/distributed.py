@@ -115,3 +115,16 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value / dist.get_world_size()
+
+
+def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """DistributedDataParallel without per-forward buffer broadcasts: every rank computes identical BatchNorm
+    statistics already (see ``GlobalBatchNorm1d``), so rank 0's copy would add traffic and nothing else."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from pvt_deploy.errors import CheckpointError, TrainingError
 from pvt_deploy.model.checkpoint import load_checkpoint, read_checkpoint_file, save_checkpoint
@@ -24,7 +23,7 @@ from pvt_deploy.model.pvt_v2 import BIRDER_LAYER_NORM_EPS, PVTv2
 from pvt_deploy.train import checkpoints as ckpt
 from pvt_deploy.train.augment import AugmentConfig
 from pvt_deploy.train.data import ImageFolder, ViewsDataset
-from pvt_deploy.train.distributed import DistEnv
+from pvt_deploy.train.distributed import DistEnv, wrap_ddp
 from pvt_deploy.train.loop import LoopConfig, TrainTask, run_loop
 from pvt_deploy.train.pretrain import check_same_run
 
@@ -129,8 +128,7 @@ def train_finetune(
 
     forward_model: nn.Module = model
     if env.distributed:
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        forward_model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        forward_model = wrap_ddp(model, env)
 
     def compute_loss(views: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = forward_model(views[:, 0])

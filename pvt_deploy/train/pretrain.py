@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from pvt_deploy.errors import TrainingError
 from pvt_deploy.model.pvt_v2 import BIRDER_LAYER_NORM_EPS, PVT_V2_CONFIGS, create_model
 from pvt_deploy.train import checkpoints as ckpt
 from pvt_deploy.train.augment import BIRDER_RGB_STATS, AugmentConfig, RGBStats
 from pvt_deploy.train.data import ImageFolder, ViewsDataset
-from pvt_deploy.train.distributed import DistEnv
+from pvt_deploy.train.distributed import DistEnv, wrap_ddp
 from pvt_deploy.train.loop import LoopConfig, TrainTask, run_loop
 from pvt_deploy.train.mmcr import DEFAULT_MOMENTUM_TAU, DEFAULT_N_AUG, DEFAULT_PROJECTOR_DIMS, MMCR, mmcr_momentum_loss
 
@@ -91,8 +90,7 @@ def train_mmcr(
 
     model: torch.nn.Module = net
     if env.distributed:
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        model = DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+        model = wrap_ddp(net, env)
     trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
 
     def compute_loss(views: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
