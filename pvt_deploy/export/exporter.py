@@ -41,6 +41,7 @@ from pvt_deploy.manifest import (
 )
 from pvt_deploy.model.checkpoint import LoadedCheckpoint
 from pvt_deploy.model.pvt_v2 import BIRDER_LAYER_NORM_EPS
+from pvt_deploy.preprocess import resize_spec
 
 BATCH_SWEEP = (1, 2, 3, 7)
 """Batches every graph runs at after export; 2+ catches a batch size baked into a Reshape."""
@@ -49,13 +50,8 @@ DYNAMIC_SIZE_STEPS = (-4, -2, 0, 2)
 SHARED_WEIGHTS_NAME = "weights.bin"
 SHARE_WEIGHTS = True
 """One external-data file for the three fp32 graphs (measured in docs/export.md)."""
-RESIZE_RULE = {
-    "interpolation": "bicubic",
-    "antialias": True,
-    "center_crop": 1.0,
-    "rule": "resize both sides to input_size / center_crop (aspect not kept), center-crop to input_size, "
-    "scale to [0, 1], normalise with rgb_stats (birder's inference_preset)",
-}
+RESIZE_RULE = resize_spec(center_crop=1.0)
+"""birder's inference_preset as pvt_deploy.preprocess repeats it; stored in the manifest and graph metadata."""
 SWEEP_SEED = 1234
 
 Progress = Callable[[str], None]

@@ -161,9 +161,12 @@ def resolve_export_source(
         return from_checkpoint(source)
     if random_weights:
         return from_random_weights(str(source), network=network, layer_norm_eps=layer_norm_eps, size=size)
-    from pvt_deploy.hub import resolve_source
+    local = Path(str(source))
+    if local.is_file():
+        path, published_name = local, None
+    else:
+        from pvt_deploy.hub import resolve_source  # published name -> downloaded, sha256-verified file
 
-    path = resolve_source(str(source))
-    published_name = None if Path(str(source)).exists() else str(source)
+        path, published_name = resolve_source(str(source)), str(source)
     loaded = load_checkpoint(path, network=network, layer_norm_eps=layer_norm_eps)
     return from_checkpoint(loaded, model_name=published_name)

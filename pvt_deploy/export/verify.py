@@ -1,0 +1,223 @@
+"""``verify_export``: run PyTorch and onnxruntime side by side on an exported folder and judge the difference.
+
+It rebuilds the PyTorch model from the checkpoint the manifest names (checked by sha256) or, for a
+random-weights export, from the recorded seed; feeds both real photos and seeded random inputs to every graph at
+every precision present; and records the results in the manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pvt_deploy.errors import CheckpointError, ImageError, ModelDirError, VerificationError
+from pvt_deploy.export.exporter import dynamic_check_sizes, ort_session
+from pvt_deploy.export.graphs import reference_all
+from pvt_deploy.export.parity import GraphParity, output_metrics
+from pvt_deploy.export.source import RANDOM_WEIGHTS_SEED, random_weights_model
+from pvt_deploy.manifest import GRAPH_OUTPUTS, INPUT_NAME, read_manifest, sha256_file, verify_files, write_manifest
+from pvt_deploy.model.pvt_v2 import PVTv2
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_PHOTOS = Path(__file__).resolve().parents[2] / "tests" / "data" / "photos"
+"""The six public-domain photos shipped with the repository (used when ``--images`` is not given)."""
+RANDOM_BATCH = 3
+RANDOM_SEED = 4321
+PHOTO_BATCH = 8
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class InputSet:
+    """One named batch of model inputs with PyTorch's answers for it."""
+
+    name: str
+    array: np.ndarray
+    reference: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class VerifyResults:
+    folder: Path
+    results: list[GraphParity]
+    inputs: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def failures(self) -> list[str]:
+        return [line for r in self.results for line in r.failures()]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "passed": self.passed,
+            "inputs": self.inputs,
+            "results": {f"{r.graph}/{r.precision}": r.to_json() for r in self.results},
+        }
+
+
+def _torch_model(manifest: dict[str, Any], folder: Path, checkpoint: str | Path | None) -> tuple[PVTv2, str]:
+    """The PyTorch model the folder was exported from, and a line saying where it came from."""
+    eps = float(manifest.get("layer_norm_eps", 1e-6))
+    source = manifest.get("source") or {}
+    if manifest.get("random_weights") and checkpoint is None:
+        spec = source.get("random_weights")
+        if not isinstance(spec, dict):
+            raise ModelDirError(f"{folder}: random-weights export without its seed in the manifest")
+        seed = int(spec.get("seed", RANDOM_WEIGHTS_SEED))
+        model = random_weights_model(spec["network"], int(spec["num_classes"]), tuple(spec["size"]), eps, seed)
+        return model, f"random weights regenerated from seed {seed}"
+    from pvt_deploy.model.checkpoint import load_checkpoint
+
+    if checkpoint is None:
+        recorded = source.get("path")
+        if not recorded:
+            raise CheckpointError(f"{folder}: the manifest records no source checkpoint; pass --checkpoint")
+        path = Path(recorded)
+        if not path.is_file():
+            raise CheckpointError(f"source checkpoint {path} (from the manifest) is missing; pass --checkpoint")
+    else:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise CheckpointError(f"--checkpoint {path}: no such file")
+    expected = source.get("sha256")
+    if expected and sha256_file(path) != expected:
+        raise CheckpointError(f"{path} is not the checkpoint {folder} was exported from (sha256 differs)")
+    loaded = load_checkpoint(path, network=manifest.get("network"), layer_norm_eps=eps)
+    return loaded.model, f"checkpoint {path}"
+
+
+def _image_files(images: str | Path | Sequence[str | Path] | None) -> list[Path]:
+    if images is None:
+        return sorted(p for p in DEFAULT_PHOTOS.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    items = [images] if isinstance(images, (str, Path)) else list(images)
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ImageError(f"--images {path}: no images found")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ImageError(f"--images {path}: no such file or folder")
+    return files
+
+
+def _input_sets(manifest: dict[str, Any], files: list[Path]) -> list[InputSet]:
+    from pvt_deploy.preprocess import preprocess
+
+    spec = manifest["input"]
+    size = tuple(spec["size"])
+    center_crop = float((spec.get("resize") or {}).get("center_crop", 1.0))
+    sets: list[InputSet] = []
+    for start in range(0, len(files), PHOTO_BATCH):
+        chunk = files[start : start + PHOTO_BATCH]
+        array = preprocess(chunk, size, spec["rgb_stats"], center_crop=center_crop)
+        sets.append(InputSet(f"photos[{start}:{start + len(chunk)}]", array))
+    rng = np.random.default_rng(RANDOM_SEED)
+    sizes = [size]
+    if spec.get("dynamic_size"):
+        sizes += [s for s in dynamic_check_sizes(size) if s != size]  # type: ignore[arg-type]
+    for other in sizes:
+        array = rng.standard_normal((RANDOM_BATCH, 3, *other), dtype=np.float32)
+        sets.append(InputSet(f"random {RANDOM_BATCH}x3x{other[0]}x{other[1]}", array))
+    return sets
+
+
+def verify_export(
+    folder: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    images: str | Path | Iterable[str | Path] | None = None,
+    progress: Progress | None = None,
+    write: bool = True,
+) -> VerifyResults:
+    """Compare every graph and precision in ``folder`` with PyTorch; raises ``VerificationError`` on a failed
+    threshold (after recording the results). A corrupted file raises ``ModelDirError`` before anything runs."""
+    log = progress or (lambda message: None)
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    model, origin = _torch_model(manifest, folder, checkpoint)
+    log(f"PyTorch reference: {origin}")
+    files = _image_files(images)  # type: ignore[arg-type]
+    sets = _input_sets(manifest, files)
+    log(f"Inputs: {len(files)} photo(s) and {sum(s.name.startswith('random') for s in sets)} random batch(es)")
+    with torch.inference_mode():
+        for input_set in sets:
+            outputs = reference_all(model, torch.from_numpy(input_set.array))
+            input_set.reference = {name: value.numpy() for name, value in outputs.items()}
+    results: list[GraphParity] = []
+    for graph, variants in (manifest.get("graphs") or {}).items():
+        names = GRAPH_OUTPUTS.get(graph)
+        if names is None:
+            continue
+        for precision, entry in variants.items():
+            session = ort_session(folder / entry["file"])
+            result = GraphParity(graph, precision)
+            for input_set in sets:
+                got = session.run(list(names), {INPUT_NAME: input_set.array})
+                for name, value in zip(names, got, strict=True):
+                    result.add(name, output_metrics(name, input_set.reference[name], value))
+                result.runs.append(list(input_set.array.shape))
+            results.append(result.judge())
+            log(f"  {entry['file']}: {'ok' if result.passed else 'FAILED'}")
+    verification = VerifyResults(
+        folder,
+        results,
+        {
+            "photos": [p.name for p in files],
+            "random": [s.name for s in sets if s.name.startswith("random")],
+            "reference": origin,
+        },
+    )
+    if write:
+        manifest.setdefault("parity", {})["verify"] = verification.to_json()
+        write_manifest(folder, manifest)
+    return verification
+
+
+def format_table(verification: VerifyResults) -> str:
+    """One row per graph, precision and output: max abs diff, worst cosine, top-1/top-5 agreement, verdict."""
+    header = ("graph", "precision", "output", "max abs diff", "min cosine", "top-1", "top-5", "status")
+    rows = [header]
+    for result in verification.results:
+        failed_kinds = {c.key.partition("_")[0] for c in result.checks if not c.passed}
+        for name, metrics in result.outputs.items():
+            kind = "features" if name.startswith("stage") else name
+            top1 = metrics.get("top1_agreement")
+            top5 = metrics.get("top5_agreement")
+            rows.append(
+                (
+                    result.graph,
+                    result.precision,
+                    name,
+                    f"{metrics['max_abs']:.2e}",
+                    f"{metrics['cosine_min']:.9f}",
+                    "" if top1 is None else f"{top1:.0%}",
+                    "" if top5 is None else f"{top5:.0%}",
+                    "FAIL" if kind in failed_kinds else "ok",
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def raise_on_failure(verification: VerifyResults) -> None:
+    if not verification.passed:
+        failures = verification.failures()
+        raise VerificationError(f"{len(failures)} parity check(s) failed: {'; '.join(failures)}")
