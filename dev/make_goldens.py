@@ -86,6 +86,24 @@ def birder_outputs(net, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+BIRDER_NETWORKS = (
+    "pvt_v2_b0", "pvt_v2_b0_li", "pvt_v2_b1", "pvt_v2_b1_li", "pvt_v2_b2", "pvt_v2_b2_li",
+    "pvt_v2_b3", "pvt_v2_b3_li", "pvt_v2_b4", "pvt_v2_b5",
+)  # fmt: skip
+
+
+def layout_digest(state: dict) -> dict:
+    """A compact fingerprint of a state dict's keys, order and shapes (tests rebuild it from our model)."""
+    import hashlib
+
+    lines = "\n".join(f"{key}:{list(value.shape)}" for key, value in state.items())
+    return {
+        "num_keys": len(state),
+        "num_params": int(sum(value.numel() for value in state.values())),
+        "sha256": hashlib.sha256(lines.encode()).hexdigest(),
+    }
+
+
 def max_abs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float]:
     return {key: float(np.abs(a[key] - b[key]).max()) for key in a}
 
@@ -204,6 +222,13 @@ def stage_birder(workdir: Path) -> None:
         "note": "max abs difference between our model's outputs and birder's on the same inputs; 0.0 means identical",
     }
     (GOLDEN / "our_checkpoint_in_birder.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    # 6. Key-for-key layout of every birder PVT v2 size (550 classes, the published head size)
+    layouts = {}
+    for network in BIRDER_NETWORKS:
+        with torch.device("meta"):
+            layouts[network] = layout_digest(registry.net_factory(network, 550, 3, size=(384, 384)).state_dict())
+    (GOLDEN / "birder_state_dict_layouts.json").write_text(json.dumps(layouts, indent=2) + "\n")
 
     manifest = {
         "made_by": "dev/make_goldens.py with /work/birder-venv",

@@ -235,7 +235,8 @@ class PyramidVisionTransformerStage(nn.Module):
 
 
 def _stochastic_depth_rates(rate: float, depths: tuple[int, ...]) -> list[list[float]]:
-    rates = torch.linspace(0.0, rate, steps=sum(depths)).tolist() if sum(depths) else []
+    # device="cpu": plain numbers, so building under `with torch.device("meta")` works too
+    rates = torch.linspace(0.0, rate, steps=sum(depths), device="cpu").tolist() if sum(depths) else []
     staged, offset = [], 0
     for depth in depths:
         staged.append(rates[offset : offset + depth])
