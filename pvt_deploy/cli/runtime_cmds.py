@@ -208,6 +208,8 @@ def _embed_run(
         chunks = store.completed_chunks()
         done = chunks[-1].stop if chunks else 0
         click.echo(f"Resuming: {done} of {len(inputs)} inputs already done", err=True)
+        for error in (error for chunk in chunks for error in chunk.errors):  # the final report stays complete
+            click.echo(f"Error: {error['error']}", err=True)
     else:
         store.start(inputs, identity, chunk_size)
     start = chunks[-1].stop if chunks else 0
