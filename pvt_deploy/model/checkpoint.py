@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -114,14 +115,16 @@ def _read_pt(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        # weights_only refuses globals it does not allow-list: a pickle that would run code or build objects
-        detail = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line), "")
-        detail = f" ({detail.strip()})" if detail else ""
-        raise CheckpointError(
-            f"{path}: refused to load: the pickle needs code execution or arbitrary objects, which a birder "
-            f"checkpoint never does{detail}"
-        ) from None
+        # torch's weights_only unpickler names what it refused after "WeightsUnpickler error:"
+        match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
+        reason = match.group(1).strip() if match else (str(exc).strip().splitlines() or ["unpickling failed"])[0]
+        global_match = re.search(r"Unsupported global: GLOBAL (\S+)", reason)
+        if global_match:
+            raise CheckpointError(
+                f"{path}: refused to load: the pickle asks to run {global_match.group(1)}, which a plain weights "
+                "file never needs; nothing from it was executed"
+            ) from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (not a weights-only pickle: {reason})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({reason})") from None
