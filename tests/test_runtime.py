@@ -360,3 +360,28 @@ def test_sessions_are_created_once_under_concurrency(model_dir: Path) -> None:
     for thread in threads:
         thread.join()
     assert created == ["embed"]
+
+
+def test_io_binding_path_equals_plain_run_on_cpu(runtime: Runtime, photo_paths: list[Path]) -> None:
+    """The CUDA path's onnxruntime calls (OrtValue input, device-allocated outputs), run with device "cpu"."""
+    session = runtime.session("features")
+    batch = runtime.preprocess(photo_paths[:3])
+    bound = session._run_io_binding(batch, session.output_names, device="cpu")
+    plain = session.run_plain(batch)
+    for name, value in zip(session.output_names, bound, strict=True):
+        np.testing.assert_array_equal(value, plain[name])
+
+
+def test_dynamic_size_export_takes_other_sizes(tiny_dynamic_export_dir: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(tiny_dynamic_export_dir, tmp_path / "model"))
+    runtime = Runtime(folder, device="cpu", batch_size=4)
+    rng = np.random.default_rng(0)
+    small = rng.standard_normal((1, 3, 64, 64)).astype(np.float32)
+    large = rng.standard_normal((1, 3, 96, 128)).astype(np.float32)
+    mixed = runtime.classify([small, large, small])  # one size per micro-batch, rows stay in order
+    np.testing.assert_allclose(mixed[0], runtime.classify(small)[0], atol=1e-6)
+    np.testing.assert_allclose(mixed[1], runtime.classify(large)[0], atol=1e-6)
+    np.testing.assert_allclose(mixed[2], mixed[0], atol=1e-6)
+    assert runtime.features(large)["stage4"].shape == (1, 128, 3, 4)
+    with pytest.raises(ImageError, match="multiple of 32"):
+        runtime.classify(np.zeros((1, 3, 70, 64), np.float32))

@@ -240,14 +240,15 @@ class GraphSession:
             values = self.session.run(list(names), {self.input_name: batch})
         return {name: np.asarray(value, dtype=np.float32) for name, value in zip(names, values, strict=True)}
 
-    def _run_io_binding(self, batch: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
-        """CUDA: copy the input to the device once, let onnxruntime allocate outputs on the device, copy back once
-        (plain ``run`` would stage through extra host buffers)."""
+    def _run_io_binding(self, batch: np.ndarray, names: tuple[str, ...], device: str = "cuda") -> list[np.ndarray]:
+        """Copy the input to the device once, let onnxruntime allocate the outputs there, copy them back once
+        (plain ``run`` on CUDA stages through extra host buffers). ``device="cpu"`` exercises the same calls on a
+        machine without a GPU."""
         binding = self.session.io_binding()
-        device_input = ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0)
+        device_input = ort.OrtValue.ortvalue_from_numpy(batch, device, 0)
         binding.bind_ortvalue_input(self.input_name, device_input)
         for name in names:
-            binding.bind_output(name, "cuda", 0)
+            binding.bind_output(name, device, 0)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
