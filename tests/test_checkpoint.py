@@ -148,7 +148,11 @@ def test_unregistered_size_is_built_as_birder_would(tmp_path: Path) -> None:
     loaded = load_checkpoint(path)
     assert loaded.network == "pvt_v2_b0"
     assert loaded.model.config.depths == (1, 2, 1, 1)
+    assert loaded.config == model.config.to_birder() | {"drop_path_rate": 0.0}
     assert torch.equal(_outputs(loaded.model), _outputs(model.eval()))
+    # naming the network the loader reported (as export/verify do from a manifest) loads it again
+    again = load_checkpoint(path, network=loaded.network)
+    assert torch.equal(_outputs(again.model), _outputs(model.eval()))
 
 
 # --------------------------------------------------------------------------------------------- bad input

@@ -55,7 +55,7 @@ class LoadedCheckpoint:
     signature: dict[str, Any]
     task: str
     birder_version: str | None
-    config: dict[str, Any] | None
+    config: dict[str, Any] | None  # birder config overrides the model was built with (None: a stock size)
     size: tuple[int, int]
     sha256: str
     path: Path
@@ -237,6 +237,9 @@ def _resolve_network(
         if network not in PVT_V2_CONFIGS:
             known = ", ".join(sorted(PVT_V2_CONFIGS))
             raise CheckpointError(f"unknown network {network!r}; known: {known}")
+        if stored_config is None and match_network(inferred) is None:
+            # an unregistered size saved without its config: the shapes are the only description there is
+            return network, inferred.to_birder()
         return network, stored_config
     name = match_network(inferred)
     if name is not None:
@@ -343,7 +346,7 @@ def load_checkpoint(
         signature=signature,
         task=str(payload.get("task", CLASSIFICATION_TASK)),
         birder_version=payload.get("birder_version"),
-        config=payload.get("config") or None,
+        config=overrides or None,
         size=size,
         sha256=_sha256(path),
         path=path,
