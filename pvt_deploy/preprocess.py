@@ -33,8 +33,10 @@ EXIF orientation is NOT applied by default (birder does not); ``apply_exif=True`
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import threading
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -85,10 +87,28 @@ def _from_array(array: np.ndarray) -> Image.Image:
     raise ImageError(f"array images must be HxW, HxWx1, HxWx3 or HxWx4 uint8, got shape {array.shape}")
 
 
+def _warning_filter(action: str, category: type[Warning]) -> contextlib.AbstractContextManager:
+    """A scoped warnings filter, in the main thread only.
+
+    ``warnings.catch_warnings`` swaps process-wide state and is not thread-safe before Python 3.14; worker threads
+    (the runtime decodes in a pool) skip it. Nothing depends on it for correctness: ``max_pixels`` is checked
+    explicitly, and Pillow raises ``DecompressionBombError`` itself above twice its limit."""
+    if threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext()
+    manager = warnings.catch_warnings()
+
+    @contextlib.contextmanager
+    def scoped():
+        with manager:
+            warnings.simplefilter(action, category)
+            yield
+
+    return scoped()
+
+
 def _decode(handle: IO[bytes], name: str, max_pixels: int | None) -> Image.Image:
     """Open and fully decode, so truncation and bombs surface here as ``ImageError`` and not later."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with _warning_filter("error", Image.DecompressionBombWarning):
         try:
             image = Image.open(handle)
             if max_pixels is not None and image.width * image.height > max_pixels:
@@ -162,9 +182,8 @@ def to_rgb(image: Image.Image, *, background: tuple[int, int, int] | None = None
             return Image.alpha_composite(canvas, rgba).convert("RGB")
     if mode == "RGB":
         return image
-    with warnings.catch_warnings():
-        # Pillow warns that palette transparency "should be converted to RGBA"; dropping it is the rule here
-        warnings.simplefilter("ignore", UserWarning)
+    # Pillow warns that palette transparency "should be converted to RGBA"; dropping it is the rule here
+    with _warning_filter("ignore", UserWarning):
         return image.convert("RGB")
 
 

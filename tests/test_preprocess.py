@@ -228,3 +228,22 @@ def test_error_messages_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(ImageError) as info:
         load_image(tmp_path / "bad.png")
     assert "\n" not in str(info.value) and "bad.png" in str(info.value)
+
+
+def test_errors_and_results_are_the_same_in_worker_threads(photo_paths: list[Path]) -> None:
+    """The runtime decodes in a thread pool; the bomb limit and the results must not depend on the thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = _png_bytes(Image.new("L", (100, 100)))
+
+    def bomb() -> str:
+        try:
+            load_image(data, max_pixels=5000)
+        except ImageError as exc:
+            return str(exc)
+        return "loaded"
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        assert "exceeds the limit" in pool.submit(bomb).result()
+        threaded = pool.submit(preprocess, photo_paths, 64, RGB_STATS).result()
+    np.testing.assert_array_equal(threaded, preprocess(photo_paths, 64, RGB_STATS))
