@@ -145,3 +145,13 @@ def test_dynamic_size_graphs_run_at_other_sizes(tiny_dynamic_export_dir: Path, t
             for name, value in zip(names, session.run(list(names), {INPUT_NAME: x}), strict=True):
                 assert value.shape == reference[name].shape
                 assert np.abs(value - reference[name]).max() <= 1e-4, (graph, name, height, width)
+
+
+def test_published_name_with_random_weights_takes_its_network_and_resolution() -> None:
+    from pvt_deploy.export.exporter import default_out_dir
+    from pvt_deploy.export.source import resolve_export_source
+
+    source = resolve_export_source("pvt_v2_b2_mmcr-il-all256px", random_weights=True)
+    assert (source.network, source.size, len(source.labels)) == ("pvt_v2_b2", (256, 256), 550)
+    assert source.labels[0] == "class_000" and source.labels[-1] == "class_549"
+    assert default_out_dir(source) == Path("exported/pvt_v2_b2_mmcr-il-all256px-random-weights")

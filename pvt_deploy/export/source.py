@@ -57,20 +57,12 @@ def random_weights_model(
 
 def _published_spec(name: str) -> dict[str, Any] | None:
     """Network and input size of a published name, from the hub's registry (None if not a published name)."""
-    try:
-        from pvt_deploy import hub
-    except ImportError:
+    from pvt_deploy.hub import PUBLISHED
+
+    weights = PUBLISHED.get(name)
+    if weights is None:
         return None
-    lookup = getattr(hub, "published_model", None)
-    if lookup is None:
-        return None
-    try:
-        spec = lookup(name)
-    except Exception:
-        return None
-    if spec is None:
-        return None
-    return {"network": spec.network, "size": tuple(spec.size), "num_classes": getattr(spec, "num_classes", 550)}
+    return {"network": weights.network, "size": tuple(weights.resolution), "num_classes": RANDOM_WEIGHTS_CLASSES}
 
 
 def from_random_weights(
@@ -161,12 +153,9 @@ def resolve_export_source(
         return from_checkpoint(source)
     if random_weights:
         return from_random_weights(str(source), network=network, layer_norm_eps=layer_norm_eps, size=size)
-    local = Path(str(source))
-    if local.is_file():
-        path, published_name = local, None
-    else:
-        from pvt_deploy.hub import resolve_source  # published name -> downloaded, sha256-verified file
+    from pvt_deploy.hub import PUBLISHED, resolve_source  # a published name is downloaded and sha256-verified
 
-        path, published_name = resolve_source(str(source)), str(source)
+    path = resolve_source(str(source))
+    published_name = str(source) if str(source) in PUBLISHED and not Path(str(source)).is_file() else None
     loaded = load_checkpoint(path, network=network, layer_norm_eps=layer_norm_eps)
     return from_checkpoint(loaded, model_name=published_name)
