@@ -156,7 +156,13 @@ def load_image(source: ImageSource, *, max_pixels: int | None = MAX_PIXELS) -> I
             raise ImageError("empty image data (0 bytes)")
         return _decode(io.BytesIO(bytes(source)), name, max_pixels)
     if hasattr(source, "read"):
-        return _decode(source, name, max_pixels)
+        try:
+            data = source.read()  # read fully: works for pipes and sockets too, and closes nothing of the caller's
+        except OSError as exc:
+            raise ImageError(f"{name}: cannot read ({exc})") from None
+        if not data:
+            raise ImageError(f"{name}: empty image data (0 bytes)")
+        return _decode(io.BytesIO(data), name, max_pixels)
     raise ImageError(f"unsupported image input type {type(source).__name__}")
 
 

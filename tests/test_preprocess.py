@@ -184,6 +184,8 @@ def test_missing_folder_empty(tmp_path: Path) -> None:
         load_image(tmp_path / "empty.jpg")
     with pytest.raises(ImageError, match="empty image data"):
         load_image(b"")
+    with pytest.raises(ImageError, match="empty image data"):
+        load_image(io.BytesIO())
 
 
 def test_truncated_and_not_an_image(tmp_path: Path, photo_paths: list[Path]) -> None:
