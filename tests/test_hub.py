@@ -203,3 +203,23 @@ def test_hub_and_preprocess_never_import_torch() -> None:
         "bad = [m for m in ('torch', 'onnx') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_progress_line_on_a_terminal(server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    hub.download(NAME, cache_dir=tmp_path, base_url=server.base_url, progress=True)
+    text = terminal.getvalue()
+    assert text.startswith(f"Downloading {server.base_url}/{NAME}.pt")
+    assert f"\r{NAME}: 1.3/1.3 MB (100%)\n" in text
+
+
+def test_no_progress_output_when_disabled(server: _Server, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    hub.download(NAME, cache_dir=tmp_path, base_url=server.base_url, progress=False)
+    assert capsys.readouterr().err == ""
