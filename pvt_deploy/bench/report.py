@@ -1,0 +1,111 @@
+"""Bench results as a text table, a JSON file and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    ("variant", "variant", "{}"),
+    ("batch", "batch", "{}"),
+    ("p50_ms", "p50 ms", "{:.1f}"),
+    ("p95_ms", "p95 ms", "{:.1f}"),
+    ("ms_per_image", "ms/img", "{:.1f}"),
+    ("images_per_s", "img/s", "{:.2f}"),
+    ("gflop_per_s", "GFLOP/s", "{:.1f}"),
+    ("gemm_fraction", "%sgemm", "{:.0%}"),
+    ("speedup_vs_eager", "x eager", "{:.2f}"),
+    ("calls", "calls", "{}"),
+    ("rss_peak_mb", "RSS MB", "{:.0f}"),
+)
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Speed rows, then one line per variant with cold start and fidelity, then the sgemm reference."""
+    header = [title for _, title, _ in COLUMNS]
+    rows = [[_cell(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in result["runs"]]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.append("")
+    lines.append("variant: cold start (creation -> first answer), fidelity vs PyTorch fp32 on the bench inputs")
+    for key, variant in result["variants"].items():
+        fidelity = variant.get("fidelity") or {}
+        lines.append(
+            f"  {key}: cold {variant['cold_start_s']:.2f} s"
+            + (
+                f"; embedding cosine mean {fidelity['embedding_cosine_mean']:.6f} min "
+                f"{fidelity['embedding_cosine_min']:.6f}, top-1 agreement {fidelity['top1_agreement']:.0%}"
+                if fidelity
+                else ""
+            )
+        )
+    for key, reason in result["skipped"].items():
+        lines.append(f"  {key}: skipped ({reason})")
+    for threads, gemm in result["gemm"].items():
+        lines.append(f"sgemm on {threads} threads: {gemm['gflop_per_s']:.1f} GFLOP/s (median of before/after runs)")
+    model = result["model"]
+    lines.append(
+        f"model: {model['network']} at {model['size'][0]}x{model['size'][1]}, "
+        f"{model['gflop_per_image']:.2f} GFLOP/image"
+        f" ({model['gflop_per_image_with_attention_products']:.2f} with the attention products)"
+    )
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def write_plot(result: dict[str, Any], path: Path) -> Path:
+    """Left: images/s by batch size per variant, with the sgemm-bound ceiling; right: ms per image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    variants = list(dict.fromkeys(row["variant"] for row in runs))
+    batches = sorted({row["batch"] for row in runs})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    width = 0.8 / max(1, len(variants))
+    for i, variant in enumerate(variants):
+        by_batch = {row["batch"]: row for row in runs if row["variant"] == variant}
+        xs = [b + (i - (len(variants) - 1) / 2) * width for b in range(len(batches))]
+        left.bar(xs, [by_batch[b]["images_per_s"] if b in by_batch else 0 for b in batches], width, label=variant)
+        right.bar(xs, [by_batch[b]["ms_per_image"] if b in by_batch else 0 for b in batches], width, label=variant)
+    gflop = result["model"]["gflop_per_image"]
+    for threads, gemm in result["gemm"].items():
+        left.axhline(gemm["gflop_per_s"] / gflop, linestyle="--", color="gray")
+        left.text(0, gemm["gflop_per_s"] / gflop, f" sgemm-bound ({threads} threads)", va="bottom", fontsize=8)
+    model = result["model"]
+    title = f"{model['network']} {model['size'][0]}x{model['size'][1]} on {result['machine']['processor']}"
+    for axis, label in ((left, "images / s (higher is better)"), (right, "ms per image, median (lower is better)")):
+        axis.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+        axis.set_ylabel(label)
+        axis.grid(axis="y", alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,357 @@
+"""One benchmark run: every variant, every batch size, interleaved call by call so that machine noise (other
+processes, turbo, thermal) lands on all variants alike and the ratios between them stay meaningful.
+
+Per thread setting: sgemm rate -> create each runner (cold start) -> fidelity on the images -> per batch size:
+separate warm-up calls, then rounds in which every runner makes one timed call (the order rotates each round)
+-> sgemm rate again. The steady state is bounded by a time budget (or a fixed number of rounds)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pvt_deploy.bench.flops import flops_per_image
+from pvt_deploy.bench.measure import RssSampler, gemm_gflops, process_peak_rss_mb, summarize
+from pvt_deploy.bench.runners import (
+    OrtRuntimeRunner,
+    OrtTensorRTRunner,
+    Runner,
+    RunnerUnavailable,
+    TorchCompileRunner,
+    TorchEagerRunner,
+    cuda_device_present,
+)
+from pvt_deploy.errors import PvtDeployError
+from pvt_deploy.manifest import read_manifest
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BenchConfig:
+    model_dir: Path
+    batch_sizes: Sequence[int] = (1, 8, 32)
+    threads: Sequence[int] = field(default_factory=lambda: [os.cpu_count() or 1])
+    precisions: Sequence[str] | None = None  # None: every precision exported (fp16 only on CUDA)
+    device: str = "cpu"  # cpu, cuda (GPU variants), or auto (cuda when present)
+    eager: bool = True
+    compile: bool = True
+    compile_timeout_s: float = 240.0
+    images: Path | None = None
+    warmup: int = 1
+    rounds: int | None = None  # fixed number of timed rounds per batch size; None: from the budget
+    min_rounds: int = 3
+    max_rounds: int = 50
+    budget_s: float = 360.0  # steady-state seconds for all batch sizes of one thread setting together
+    micro_batch: int | None = None  # Runtime batch_size; None lets the runtime choose
+    checkpoint: Path | None = None
+
+
+class BenchError(PvtDeployError):
+    exit_code = 2
+
+
+def _input_images(config: BenchConfig, manifest: dict[str, Any]) -> tuple[np.ndarray, str]:
+    """Real photos preprocessed exactly as the runtime does, or seeded noise where none are given."""
+    size = tuple(manifest["input"]["size"])
+    if config.images is None:
+        rng = np.random.default_rng(0)
+        return rng.standard_normal((4, 3, *size), dtype=np.float32), "random normal inputs (no --images)"
+    from pvt_deploy.runtime import Runtime
+
+    folder = Path(config.images)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise BenchError(f"--images {folder}: no images found")
+    runtime = Runtime(config.model_dir, device="cpu")
+    return runtime.preprocess(files), f"{len(files)} images from {folder}"
+
+
+def _tile(images: np.ndarray, batch: int) -> np.ndarray:
+    reps = math.ceil(batch / len(images))
+    return np.ascontiguousarray(np.concatenate([images] * reps)[:batch])
+
+
+def _fidelity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, float]:
+    a, b = reference["embedding"].astype(np.float64), candidate["embedding"].astype(np.float64)
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+    top1_ref = reference["probabilities"].argmax(1)
+    top1 = candidate["probabilities"].argmax(1)
+    ordered = np.sort(reference["probabilities"], axis=1)
+    return {
+        "embedding_cosine_mean": float(cosine.mean()),
+        "embedding_cosine_min": float(cosine.min()),
+        "probabilities_max_abs": float(np.abs(reference["probabilities"] - candidate["probabilities"]).max()),
+        "top1_agreement": float((top1 == top1_ref).mean()),
+        "reference_top1_margin_median": float(np.median(ordered[:, -1] - ordered[:, -2])),
+    }
+
+
+def _make_runners(config: BenchConfig, manifest: dict[str, Any], threads: int, tmp: Path) -> list[Runner]:
+    from pvt_deploy.export.verify import _torch_model
+
+    exported = _exported_precisions(manifest)
+    wanted = list(config.precisions) if config.precisions else exported
+    missing = [p for p in wanted if p not in exported]
+    if missing:
+        raise BenchError(f"{config.model_dir}: no {missing[0]} graphs exported (have {', '.join(exported)})")
+    device = config.device
+    if device == "auto":
+        device = "cuda" if cuda_device_present() else "cpu"
+    if device == "cuda" and not cuda_device_present():
+        raise BenchError("--device cuda: no NVIDIA device / CUDA provider here")
+
+    model, _ = _torch_model(manifest, config.model_dir, config.checkpoint)
+    runners: list[Runner] = []
+    if config.eager:
+        runners.append(TorchEagerRunner(model, threads))
+    if config.compile:
+        runners.append(TorchCompileRunner(model, threads, config.compile_timeout_s))
+    for precision in wanted:
+        if precision == "fp16" and device != "cuda":
+            continue  # fp16 is the CUDA variant; ORT's CPU fp16 kernels are reference-speed only
+        runners.append(OrtRuntimeRunner(config.model_dir, precision, "cpu", threads, config.micro_batch))
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            runners.append(TorchEagerRunner(model, threads, device="cuda"))
+            runners.append(TorchEagerRunner(_copy_model(model), threads, device="cuda", autocast_fp16=True))
+        for precision in wanted:
+            if precision != "int8":
+                runners.append(OrtRuntimeRunner(config.model_dir, precision, "cuda", threads, config.micro_batch))
+        runners.append(OrtTensorRTRunner(config.model_dir, threads, tmp / "trt-cache"))
+    return runners
+
+
+def _copy_model(model: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _exported_precisions(manifest: dict[str, Any]) -> list[str]:
+    variants = (manifest.get("graphs") or {}).get("classify") or {}
+    return [p for p in ("fp32", "int8", "fp16") if p in variants]
+
+
+def run_bench(config: BenchConfig, progress: Progress | None = None, bar: Any = None) -> dict[str, Any]:
+    """Run everything; returns the JSON-ready result (``report.py`` prints and plots it)."""
+    log = progress or (lambda message: None)
+    manifest = read_manifest(config.model_dir)
+    from pvt_deploy.model.pvt_v2 import PVT_V2_CONFIGS
+
+    network = manifest["network"]
+    size = tuple(manifest["input"]["size"])
+    config_overrides = (manifest.get("source") or {}).get("config")
+    overrides = config_overrides if isinstance(config_overrides, dict) else None
+    net_config = PVT_V2_CONFIGS[network].with_overrides(overrides)
+    flops = flops_per_image(net_config, size, int(manifest["num_classes"]))
+    images, images_note = _input_images(config, manifest)
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "model": {
+            "dir": str(config.model_dir),
+            "name": manifest.get("model_name"),
+            "network": network,
+            "size": list(size),
+            "num_classes": manifest["num_classes"],
+            "random_weights": bool(manifest.get("random_weights")),
+            "gflop_per_image": flops / 1e9,
+            "gflop_per_image_with_attention_products": flops_per_image(
+                net_config, size, int(manifest["num_classes"]), attention_products=True
+            )
+            / 1e9,
+        },
+        "settings": {
+            "batch_sizes": list(config.batch_sizes),
+            "threads": list(config.threads),
+            "warmup_calls": config.warmup,
+            "rounds": config.rounds,
+            "budget_s": config.budget_s,
+            "fidelity_inputs": images_note,
+            "interleaved": True,
+        },
+        "runs": [],
+        "variants": {},
+        "skipped": {},
+        "gemm": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for threads in config.threads:
+            _bench_threads(config, manifest, threads, images, flops, result, Path(tmp), log, bar)
+    result["process_peak_rss_mb"] = process_peak_rss_mb()
+    result["ratios"] = _ratios(result)
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def _bench_threads(
+    config: BenchConfig,
+    manifest: dict[str, Any],
+    threads: int,
+    images: np.ndarray,
+    flops: float,
+    result: dict[str, Any],
+    tmp: Path,
+    log: Progress,
+    bar: Any,
+) -> None:
+    gemm_before = gemm_gflops(threads)
+    log(f"[{threads} threads] sgemm {gemm_before['median_gflop_per_s']:.1f} GFLOP/s")
+    runners: list[Runner] = []
+    reference: dict[str, np.ndarray] | None = None
+    rss: dict[str, RssSampler] = {}
+    for runner in _make_runners(config, manifest, threads, tmp):
+        key = f"{runner.name}@{threads}t"
+        try:
+            cold = runner.start(images[:1])
+            answer = runner(images)
+        except RunnerUnavailable as exc:
+            result["skipped"][key] = str(exc)
+            log(f"  skip {runner.name}: {exc}")
+            runner.close()
+            continue
+        if reference is None and runner.engine == "pytorch-eager" and runner.device == "cpu":
+            reference = answer
+        result["variants"][key] = {
+            **runner.describe(),
+            "cold_start_s": cold,
+            "fidelity": _fidelity(reference, answer) if reference is not None else None,
+        }
+        rss[key] = RssSampler()
+        runners.append(runner)
+        log(f"  {runner.name}: first answer after {cold:.2f} s")
+    if not runners:
+        raise BenchError("no variant could run")
+
+    share = config.budget_s / max(1, len(config.batch_sizes))
+    for batch in config.batch_sizes:
+        x = _tile(images, batch)
+        warm: dict[str, float] = {}
+        for runner in list(runners):
+            key = f"{runner.name}@{threads}t"
+            begin = time.perf_counter()
+            try:
+                for _ in range(max(1, config.warmup)):
+                    runner(x)
+            except (RunnerUnavailable, TimeoutError) as exc:  # e.g. a recompile over its time box
+                result["skipped"][f"{key}/batch{batch}"] = f"{type(exc).__name__}: {exc}"
+                continue
+            warm[runner.name] = (time.perf_counter() - begin) / max(1, config.warmup)
+        active = [r for r in runners if r.name in warm]
+        round_cost = sum(warm.values())
+        rounds = config.rounds or int(min(config.max_rounds, max(config.min_rounds, share // max(round_cost, 1e-9))))
+        if bar is not None:
+            bar.reset(total=rounds * len(active))
+            bar.set_description(f"{threads}t batch {batch}")
+        log(f"  batch {batch}: {rounds} interleaved rounds of {len(active)} variants (~{round_cost:.1f} s each)")
+        samples: dict[str, list[float]] = {r.name: [] for r in active}
+        for index in range(rounds):
+            shift = index % len(active)
+            for runner in active[shift:] + active[:shift]:
+                begin = time.perf_counter()
+                runner(x)
+                samples[runner.name].append(time.perf_counter() - begin)
+                rss[f"{runner.name}@{threads}t"].sample()
+                if bar is not None:
+                    bar.update(1)
+        for runner in active:
+            key = f"{runner.name}@{threads}t"
+            row = {
+                "variant": key,
+                **runner.describe(),
+                "batch": batch,
+                "warmup_ms": 1000.0 * warm[runner.name],
+                **summarize(samples[runner.name], batch, flops),
+                "rss_peak_mb": rss[key].peak_mb,
+            }
+            gpu = runner.gpu_memory_mb()
+            if gpu is not None:
+                row["gpu_memory_mb"] = gpu
+            result["runs"].append(row)
+    gemm_after = gemm_gflops(threads)
+    rate = statistics.median([gemm_before["median_gflop_per_s"], gemm_after["median_gflop_per_s"]])
+    result["gemm"][str(threads)] = {"before": gemm_before, "after": gemm_after, "gflop_per_s": rate}
+    for row in result["runs"]:
+        if row["threads"] == threads and row["device"] == "cpu":
+            row["gemm_fraction"] = row["gflop_per_s"] / rate
+    for runner in runners:
+        runner.close()
+
+
+def _ratios(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Speed-up of every variant over CPU PyTorch eager at the same batch and threads (median vs median)."""
+    eager = {
+        (row["threads"], row["batch"]): row["p50_ms"]
+        for row in result["runs"]
+        if row["engine"] == "pytorch-eager" and row["device"] == "cpu"
+    }
+    ratios: dict[str, dict[str, float]] = {}
+    for row in result["runs"]:
+        base = eager.get((row["threads"], row["batch"]))
+        if base:
+            row["speedup_vs_eager"] = base / row["p50_ms"]
+            ratios.setdefault(row["variant"], {})[f"batch{row['batch']}"] = row["speedup_vs_eager"]
+    return ratios
+
+
+def _machine() -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "logical_cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "ort_providers": ort.get_available_providers(),
+    }
+    if cuda_device_present():
+        from pvt_deploy.bench.runners import _nvidia_used_mb
+
+        info["gpu_memory_used_at_start_mb"] = _nvidia_used_mb()
+        info["gpu"] = _gpu_name()
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _gpu_name() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
