@@ -237,3 +237,10 @@ def test_info(model_dir: Path, tmp_path: Path) -> None:
     assert error_lines(result) == [
         f"Error: {broken}: 1 file(s) fail the manifest check (weights.bin: checksum mismatch)"
     ]
+
+
+def test_embed_with_no_images_found(model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty_folder").mkdir()
+    result = invoke("embed", model_dir, tmp_path / "empty_folder", "--out", tmp_path / "out", "--device", "cpu")
+    assert result.exit_code == 4 and "no images found" in result.stderr
+    assert not (tmp_path / "out").exists()

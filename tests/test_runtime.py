@@ -385,3 +385,19 @@ def test_dynamic_size_export_takes_other_sizes(tiny_dynamic_export_dir: Path, tm
     assert runtime.features(large)["stage4"].shape == (1, 128, 3, 4)
     with pytest.raises(ImageError, match="multiple of 32"):
         runtime.classify(np.zeros((1, 3, 70, 64), np.float32))
+
+
+def test_cuda_provider_that_fails_to_load(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime-gpu without usable CUDA libraries (this machine): "cuda" is an error, "auto" warns and uses CPU."""
+    if sessions._nvidia_device_present() or not sessions.cuda_provider_listed():
+        pytest.skip("needs onnxruntime-gpu on a machine whose CUDA provider cannot start")
+    image = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(DeviceError, match="could not start its CUDA provider"):
+        Runtime(model_dir, device="cuda", cache_optimized=False).classify(image)
+    monkeypatch.setattr(sessions, "_nvidia_device_present", lambda: True)
+    monkeypatch.setattr(sessions, "_fallback_warned", False)
+    runtime = Runtime(model_dir, device="auto", cache_optimized=False)
+    with pytest.warns(RuntimeWarning, match="CUDA provider failed to load"):
+        probabilities = runtime.classify(image)
+    assert runtime.active_device == "cpu"
+    np.testing.assert_array_equal(probabilities, Runtime(model_dir, device="cpu").classify(image))

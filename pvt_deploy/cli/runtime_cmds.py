@@ -192,6 +192,8 @@ def _embed_run(
     store = EmbedStore(out)
     identity = _model_identity(runtime)
     inputs = collect_inputs(paths)
+    if not inputs:
+        raise ImageError(f"no images found in {', '.join(paths)} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
     bad_names = [p for p in inputs if "\n" in p or "\r" in p]
     if bad_names:
         raise OutputError(f"cannot record paths containing line breaks in {out}/paths.txt: {bad_names[0]!r}")

@@ -93,7 +93,7 @@ def prepare(item: Any, spec: PreprocessSpec) -> np.ndarray:
     if isinstance(item, np.ndarray):
         if item.dtype == np.uint8:
             if item.ndim == 3 and item.shape[2] != 3 or item.ndim not in (2, 3):
-                raise ImageError(f"uint8 array images must be HxWx3, got shape {item.shape}")
+                raise ImageError(f"uint8 array images must be HxWx3 (or HxW gray), got shape {item.shape}")
         elif np.issubdtype(item.dtype, np.floating):
             if item.ndim != 3:
                 raise ImageError(f"preprocessed input must be NCHW float32, got shape {item.shape}")

@@ -27,8 +27,9 @@ from pvt_deploy.runtime.sessions import (
 )
 
 DEFAULT_BATCH_SIZE = 1
-"""Micro-batch size on the CPU. Measured in docs/runtime.md: on the 2-core dev machine b2 at 384 costs about the
-same per image at batch 1, 2, 4 and 8, so the smallest batch wins on latency and memory."""
+"""Micro-batch size on the CPU, from benchmarks/runtime_microbatch.py (docs/runtime.md): for b2 at 384 on the 2-core
+dev machine, batch 8 cost 17% more per image than batch 1 with 1 thread and was within noise of it with 2, so the
+smallest batch wins (and has the lowest latency and memory)."""
 
 DEFAULT_CUDA_BATCH_SIZE = 16
 """On a GPU larger batches amortise launch overhead; unmeasured this session (no GPU), a conservative choice."""
@@ -46,6 +47,12 @@ class Runtime:
     ``on_error="raise"`` (default) raises ``ImageError`` naming the first bad input. ``on_error="collect"`` returns
     a ``BatchResult`` whose ``value`` has every good input's answer in its row (bad rows NaN / None) and whose
     ``errors`` say why each bad one failed."""
+
+    def __repr__(self) -> str:
+        return (
+            f"Runtime({str(self.model_dir)!r}, device={self.device!r} ({self.active_device}), "
+            f"precision={self.precision!r}, batch_size={self.batch_size})"
+        )
 
     def __init__(
         self,
