@@ -168,9 +168,11 @@ def create_session(model_path: Path, graph_sha256: str, config: SessionConfig) -
     """Load one verified graph; reuse or write the optimized-graph cache (best effort, never required)."""
     entries = _provider_entries(config.providers)
     full = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # CPU only: a graph optimized for the CUDA provider may hold provider-specific fusions whose serialized form
+    # is not guaranteed to reload; unverified without a GPU, so CUDA sessions always optimize from the source.
     cache = (
         optimized_cache_path(model_path.parent, model_path.name, graph_sha256, config.providers[0])
-        if config.use_cache
+        if config.use_cache and config.providers[0] == CPU_PROVIDER
         else None
     )
     try:
