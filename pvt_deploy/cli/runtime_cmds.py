@@ -146,7 +146,13 @@ def _model_identity(runtime: Runtime) -> dict[str, Any]:
 @click.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Output folder (must not exist).")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output folder (refused if it exists, unless --overwrite).",
+)
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT.partial without redoing work.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it already exists.")
 @click.option(

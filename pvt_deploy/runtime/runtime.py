@@ -7,7 +7,7 @@ import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -35,6 +35,8 @@ DEFAULT_CUDA_BATCH_SIZE = 16
 """On a GPU larger batches amortise launch overhead; unmeasured this session (no GPU), a conservative choice."""
 
 OnError = Literal["raise", "collect"]
+Raise = Literal["raise"]
+Collect = Literal["collect"]
 Images = Any  # one image or an iterable of them; see inputs.iter_items
 
 
@@ -90,6 +92,7 @@ class Runtime:
         self._sessions: dict[str, GraphSession] = {}
         self._verified: set[str] = set()
         self._lock = threading.Lock()
+        self._labels: list[str] | None = None
 
     # ----- description -------------------------------------------------------------------------------------------
 
@@ -118,14 +121,18 @@ class Runtime:
     @property
     def labels(self) -> list[str]:
         """Class names in index order (the manifest's copy, else the classify graph's own metadata)."""
+        if self._labels is not None:
+            return list(self._labels)
         labels = self.manifest.get("labels")
         if isinstance(labels, list):
-            return [str(label) for label in labels]
+            self._labels = [str(label) for label in labels]
+            return self._labels
         graph = "classify" if "classify" in self.graphs else self.graphs[0]
         raw = self._session(graph).metadata.get(MetadataKey.LABELS)
         if raw is None:
             raise ModelDirError(f"{self.model_dir}: no labels in the manifest or the {graph} graph's metadata")
-        return [str(label) for label in json.loads(raw)]
+        self._labels = [str(label) for label in json.loads(raw)]
+        return self._labels
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -177,14 +184,31 @@ class Runtime:
             return np.empty((0, 3, *self.spec.size), dtype=np.float32)
         return np.stack(rows)
 
+    @overload
+    def classify(
+        self, images: Images, return_embedding: Literal[False] = ..., *, on_error: Raise = ...
+    ) -> np.ndarray: ...
+    @overload
+    def classify(
+        self, images: Images, return_embedding: Literal[True], *, on_error: Raise = ...
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+    @overload
+    def classify(self, images: Images, return_embedding: bool = ..., *, on_error: Collect) -> BatchResult[Any]: ...
+
     def classify(
         self, images: Images, return_embedding: bool = False, *, on_error: OnError = "raise"
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray] | BatchResult[Any]:
         """Softmax probabilities (N, classes) float32; with ``return_embedding`` also the (N, D) embedding."""
         names = ("probabilities", "embedding") if return_embedding else ("probabilities",)
         result = self._run("classify", names, images, on_error)
-        value = (result.value["probabilities"], result.value["embedding"]) if return_embedding else None
-        return self._finish(result, value if value is not None else result.value["probabilities"], on_error)
+        probabilities = result.value["probabilities"]
+        value = (probabilities, result.value["embedding"]) if return_embedding else probabilities
+        return self._finish(result, value, on_error)
+
+    @overload
+    def predict(self, images: Images, top_k: int = ..., *, on_error: Raise = ...) -> list[list[tuple[str, float]]]: ...
+    @overload
+    def predict(self, images: Images, top_k: int = ..., *, on_error: Collect) -> BatchResult[Any]: ...
 
     def predict(
         self, images: Images, top_k: int = 5, *, on_error: OnError = "raise"
@@ -203,11 +227,21 @@ class Runtime:
             answers.append([(labels[i], float(row[i])) for i in order])
         return self._finish(result, answers, on_error)
 
+    @overload
+    def embed(self, images: Images, *, on_error: Raise = ...) -> np.ndarray: ...
+    @overload
+    def embed(self, images: Images, *, on_error: Collect) -> BatchResult[Any]: ...
+
     def embed(self, images: Images, *, on_error: OnError = "raise") -> np.ndarray | BatchResult[Any]:
         """(N, D) float32 embeddings (D = 512 for b2): the ``embed`` graph, else the classify graph's output."""
         graph = "embed" if "embed" in self.graphs else "classify"
         result = self._run(graph, ("embedding",), images, on_error)
         return self._finish(result, result.value["embedding"], on_error)
+
+    @overload
+    def features(self, images: Images, *, on_error: Raise = ...) -> dict[str, np.ndarray]: ...
+    @overload
+    def features(self, images: Images, *, on_error: Collect) -> BatchResult[Any]: ...
 
     def features(self, images: Images, *, on_error: OnError = "raise") -> dict[str, np.ndarray] | BatchResult[Any]:
         """``{"stage1": ..., "stage4": ...}`` float32 NCHW feature maps."""
