@@ -1,0 +1,190 @@
+"""fp32 rewrite, int8 and fp16 variants on the tiny model: each keeps its fidelity threshold (docs/speed.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from pvt_deploy.export.precision import (
+    INT8_FLOAT_GROUPS,
+    PARITY_THRESHOLDS,
+    float_nodes_for_int8,
+    make_variant,
+    optimize_fp32,
+)
+from tests.fixtures.checkpoints import BIRDER_RGB_STATS, TINY_SIZE, make_tiny_model
+
+
+def _export_raw(tmp_path: Path, graph: str, dynamic_size: bool = False) -> tuple[Path, object]:
+    """A plain (exported + simplified, not yet optimized) tiny graph and its PyTorch model."""
+    from pvt_deploy.export.graphs import wrap
+    from pvt_deploy.export.onnx_io import export_graph, simplify_graph
+
+    model = make_tiny_model()
+    path = tmp_path / f"{graph}.onnx"
+    export_graph(wrap(model, graph), graph, path, size=TINY_SIZE, dynamic_size=dynamic_size)
+    simplify_graph(path)
+    return path, model
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _run(path: Path, x: np.ndarray) -> list[np.ndarray]:
+    return _session(path).run(None, {"input": x})
+
+
+def _photos(photo_paths: list[Path], size: tuple[int, int] = TINY_SIZE) -> np.ndarray:
+    from PIL import ImageOps
+
+    from pvt_deploy.preprocess import load_image, preprocess
+
+    images = [load_image(p) for p in photo_paths]
+    images += [ImageOps.mirror(image.convert("RGB")) for image in images]  # 12 inputs: photos and their mirrors
+    return preprocess(images, size, BIRDER_RGB_STATS)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _conv_sandwiches(path: Path) -> int:
+    """Convs still wrapped in the 3-D Transpose(0,2,1) round-trip the rewrite removes."""
+    model = onnx.load(str(path), load_external_data=False)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        reshape = producers.get(node.input[0])
+        before = producers.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
+        if before is not None and before.op_type == "Transpose":
+            perm = next(list(a.ints) for a in before.attribute if a.name == "perm")
+            count += perm == [0, 2, 1]
+    return count
+
+
+@pytest.mark.parametrize("dynamic_size", [False, True], ids=["static-size", "dynamic-size"])
+def test_optimize_fp32_rewrites_every_token_conv_and_keeps_parity(tmp_path: Path, dynamic_size: bool) -> None:
+    raw, _ = _export_raw(tmp_path, "features", dynamic_size)
+    assert _conv_sandwiches(raw) == 7  # tiny: 4 MLP depthwise convs + 3 spatial-reduction convs
+    optimized = tmp_path / "features.optimized.onnx"
+    done = optimize_fp32(raw, optimized)
+    assert done["channels_last_convs"] == 7
+    assert _conv_sandwiches(optimized) == 0
+    onnx.checker.check_model(str(optimized), full_check=True)
+    sizes = [(64, 64), (96, 128)] if dynamic_size else [(64, 64)]
+    rng = np.random.default_rng(0)
+    for height, width in sizes:
+        x = rng.standard_normal((3, 3, height, width), dtype=np.float32)
+        for before, after in zip(_run(raw, x), _run(optimized, x), strict=True):
+            assert before.shape == after.shape
+            assert np.abs(before - after).max() <= PARITY_THRESHOLDS["fp32"]["features_max_abs"]
+
+
+def test_optimize_fp32_keeps_metadata(tmp_path: Path) -> None:
+    raw, _ = _export_raw(tmp_path, "embed")
+    model = onnx.load(str(raw))
+    onnx.helper.set_model_props(model, {"labels": '["a"]', "precision": "fp32"})
+    onnx.save(model, str(raw))
+    optimized = tmp_path / "embed.optimized.onnx"
+    optimize_fp32(raw, optimized)
+    props = {p.key: p.value for p in onnx.load(str(optimized), load_external_data=False).metadata_props}
+    assert props == {"labels": '["a"]', "precision": "fp32"}
+
+
+def test_int8_float_groups_find_their_nodes(tmp_path: Path) -> None:
+    raw, _ = _export_raw(tmp_path, "classify")
+    model = onnx.load(str(raw))
+    groups = (*INT8_FLOAT_GROUPS, "spatial_reduction", "depthwise")
+    counts = {group: len(float_nodes_for_int8(model, [group])) for group in groups}
+    assert counts["attention_matmuls"] == 8  # q @ k^T and attention @ v in each of 4 blocks
+    assert counts["spatial_reduction"] >= 3  # the 3 reduction convs (+ the kv projections onnxsim left named)
+    assert counts["depthwise"] == 4
+    assert counts["classifier"] == 1
+    assert counts["patch_embed"] == 4  # the stem and 3 downsampling convs
+    assert len(float_nodes_for_int8(model, [])) == 0
+
+
+def _head_with_margins(embeddings: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """A nearest-class-mean head on fp32 embeddings (one class per photo): logits with real margins."""
+    classes = np.stack([embeddings[i::groups].mean(0) for i in range(groups)])
+    weights = classes / np.linalg.norm(classes, axis=1, keepdims=True)
+    return weights, np.zeros(groups)
+
+
+@pytest.mark.parametrize("calibrated", [True, False], ids=["static-calibrated", "dynamic-fallback"])
+def test_int8_variant_meets_thresholds_on_photos(tmp_path: Path, photo_paths: list[Path], calibrated: bool) -> None:
+    raw, model = _export_raw(tmp_path, "classify")
+    fp32 = tmp_path / "classify.fp32.onnx"
+    optimize_fp32(raw, fp32)
+    x = _photos(photo_paths)
+    int8 = tmp_path / "classify.int8.onnx"
+    batches = [x[:6], x[6:]] if calibrated else None
+    done = make_variant(fp32, "int8", int8, calibration_batches=batches)
+    assert done["method"] == ("static" if calibrated else "dynamic")
+    assert any(node.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") for node in onnx.load(str(int8)).graph.node)
+
+    import torch
+
+    with torch.inference_mode():
+        reference = model.embedding(torch.from_numpy(x)).numpy()
+    _, _, embedding = _run(int8, x)
+    cosine = _cosine(reference, embedding)
+    limits = PARITY_THRESHOLDS["int8"]
+    assert cosine.mean() >= limits["embedding_cosine_mean"]
+    assert cosine.min() >= limits["embedding_cosine_min"]
+    weights, bias = _head_with_margins(reference, len(photo_paths))
+    top1_fp32 = (reference @ weights.T + bias).argmax(1)
+    top1_int8 = (embedding @ weights.T + bias).argmax(1)
+    assert (top1_fp32 == np.arange(len(x)) % len(photo_paths)).mean() >= 0.99  # the head separates the photos
+    assert (top1_int8 == top1_fp32).mean() >= 0.99
+
+
+def test_int8_features_meet_threshold(tmp_path: Path, photo_paths: list[Path]) -> None:
+    raw, _ = _export_raw(tmp_path, "features")
+    fp32 = tmp_path / "features.fp32.onnx"
+    optimize_fp32(raw, fp32)
+    x = _photos(photo_paths)
+    int8 = tmp_path / "features.int8.onnx"
+    make_variant(fp32, "int8", int8, calibration_batches=[x[:6], x[6:]])
+    for before, after in zip(_run(fp32, x), _run(int8, x), strict=True):
+        assert _cosine(before, after).min() >= PARITY_THRESHOLDS["int8"]["features_cosine_min"]
+
+
+def test_fp16_variant_keeps_float32_io_and_fidelity(tmp_path: Path, photo_paths: list[Path]) -> None:
+    raw, _ = _export_raw(tmp_path, "embed")
+    fp32 = tmp_path / "embed.fp32.onnx"
+    optimize_fp32(raw, fp32)
+    fp16 = tmp_path / "embed.fp16.onnx"
+    make_variant(fp32, "fp16", fp16)
+    model = onnx.load(str(fp16))
+    onnx.checker.check_model(model, full_check=True)
+    float32 = onnx.TensorProto.FLOAT
+    assert model.graph.input[0].type.tensor_type.elem_type == float32
+    assert model.graph.output[0].type.tensor_type.elem_type == float32
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+    x = _photos(photo_paths)
+    try:
+        (embedding,) = _run(fp16, x)
+    except Exception as exc:  # ORT CPU lacks an fp16 kernel for some op in this build
+        pytest.skip(f"onnxruntime CPU cannot run the fp16 graph: {exc}")
+    (reference,) = _run(fp32, x)
+    assert embedding.dtype == np.float32
+    assert _cosine(reference, embedding).min() >= PARITY_THRESHOLDS["fp16"]["embedding_cosine_min"]
+
+
+def test_unknown_precision_is_a_clear_error(tmp_path: Path) -> None:
+    from pvt_deploy.errors import ExportError
+
+    with pytest.raises(ExportError, match="no variant maker for precision 'int4'"):
+        make_variant(tmp_path / "x.onnx", "int4", tmp_path / "y.onnx")
