@@ -244,3 +244,25 @@ def test_embed_with_no_images_found(model_dir: Path, tmp_path: Path) -> None:
     result = invoke("embed", model_dir, tmp_path / "empty_folder", "--out", tmp_path / "out", "--device", "cpu")
     assert result.exit_code == 4 and "no images found" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_embed_store_keeps_only_whole_chunks(tmp_path: Path) -> None:
+    """A kill between a chunk's .npy and its .json (or mid-write) leaves that chunk to be recomputed, nothing more."""
+    from pvt_deploy.runtime.embed_store import Chunk, EmbedStore
+
+    store = EmbedStore(tmp_path / "out")
+    store.start(["a", "b", "c", "d"], {"model": 1}, chunk_size=2)
+    store.write_chunk(Chunk(0, 0, 2, ["a"], [{"path": "b", "error": "b: bad"}]), np.ones((1, 3), np.float32))
+    store.write_chunk(Chunk(1, 2, 4, ["c", "d"], []), np.zeros((2, 3), np.float32))
+    (store.work / "chunk-000001.json").unlink()  # killed after the .npy, before the .json
+    (store.work / ".chunk-000002.npy.1.tmp").write_bytes(b"partial")
+    chunks = store.completed_chunks()
+    assert [(c.index, c.start, c.stop, c.paths) for c in chunks] == [(0, 0, 2, ["a"])]
+    assert sorted(p.name for p in store.work.iterdir()) == ["chunk-000000.json", "chunk-000000.npy", "plan.json"]
+    assert store.plan()["inputs"] == ["a", "b", "c", "d"]
+    store.write_chunk(Chunk(1, 2, 4, ["c", "d"], []), np.zeros((2, 3), np.float32))
+    out = store.finalize(store.completed_chunks(), 3, {"model": 1}, overwrite=False)
+    assert (out / "paths.txt").read_text() == "a\nc\nd\n"
+    np.testing.assert_array_equal(np.load(out / "embeddings.npy"), [[1, 1, 1], [0, 0, 0], [0, 0, 0]])
+    assert json.loads((out / "errors.json").read_text()) == [{"path": "b", "error": "b: bad"}]
+    assert not store.work.exists()
