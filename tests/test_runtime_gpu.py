@@ -62,3 +62,16 @@ def test_cuda_threads_and_collect(cuda_runtime: Runtime, photo_paths: list[Path]
     result = cuda_runtime.embed([photo_paths[0], tmp_path / "missing.jpg", photo_paths[1]], on_error="collect")
     assert result.ok.tolist() == [True, False, True]
     np.testing.assert_allclose(result.good(), cuda_runtime.embed(photo_paths[:2]), atol=1e-5)
+
+
+def test_cuda_fp16_cosine(tiny_checkpoint: Path, tmp_path: Path, photo_paths: list[Path]) -> None:
+    """The issue's fp16 bar on CUDA: embedding cosine >= 0.9999 against the fp32 graphs on the CPU."""
+    from tests.fixtures.exported import export_tiny
+
+    folder = export_tiny(tiny_checkpoint, tmp_path / "model", precisions=("fp32", "fp16"))
+    reference = Runtime(folder, device="cpu").embed(photo_paths)
+    runtime = Runtime(folder, device="cuda", precision="fp16")
+    embedding = runtime.embed(photo_paths)
+    assert runtime.active_device == "cuda"
+    cosine = (embedding * reference).sum(1) / (np.linalg.norm(embedding, axis=1) * np.linalg.norm(reference, axis=1))
+    assert cosine.min() >= 0.9999
