@@ -219,6 +219,8 @@ def _embed_run(
         for error in (error for chunk in chunks for error in chunk.errors):  # the final report stays complete
             click.echo(f"Error: {error['error']}", err=True)
     else:
+        if resume:
+            click.echo(f"Nothing to resume in {store.work}; starting a new run", err=True)
         store.start(inputs, identity, chunk_size)
     start = chunks[-1].stop if chunks else 0
     dim = _embedding_dim(runtime, store, chunks)
