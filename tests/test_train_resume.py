@@ -66,3 +66,11 @@ def test_resume_refuses_changed_settings_or_missing_checkpoint(tmp_path: Path) -
     train_mmcr(data, out, TINY_MMCR, _loop(steps=2, stop_at=1), DistEnv())
     with pytest.raises(TrainingError, match="lr: 0.002 -> 0.1"):
         train_mmcr(data, out, TINY_MMCR, _loop(steps=2, lr=0.1), DistEnv(), resume=True)
+
+
+def test_bf16_autocast_step_keeps_float32_weights(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    last = train_mmcr(data, tmp_path / "bf16", TINY_MMCR, _loop(steps=1, bf16=True), DistEnv())
+    assert torch.isfinite(torch.tensor(last["loss"]))
+    state = _final(tmp_path / "bf16", 1)
+    assert {tensor.dtype for key, tensor in state.items() if "num_batches" not in key} == {torch.float32}
