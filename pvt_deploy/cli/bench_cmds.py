@@ -104,6 +104,8 @@ def bench(
         budget_s = min(budget_s, 10.0)
     if use_compile is None:
         use_compile = True
+    batch_list = _int_list("--batch-sizes", batch_sizes)
+    thread_list = _int_list("--threads", threads) if threads else None
     if rounds is not None and rounds < 1:
         raise BenchInputError("--rounds must be >= 1")
     if micro_batch is not None and micro_batch < 1:
@@ -122,8 +124,8 @@ def bench(
             raise BenchInputError(f"{model_dir}: not an exported folder")
         config = BenchConfig(
             model_dir=Path(model_dir),
-            batch_sizes=_int_list("--batch-sizes", batch_sizes),
-            threads=_int_list("--threads", threads) if threads else BenchConfig(Path(".")).threads,
+            batch_sizes=batch_list,
+            threads=thread_list or BenchConfig(Path(".")).threads,
             precisions=[p.strip() for p in precisions.split(",") if p.strip()] if precisions else None,
             device=device,
             eager=eager,
