@@ -265,18 +265,32 @@ def test_missing_graph_is_a_model_dir_error(tiny_export_dir: Path, tmp_path: Pat
 
 def test_optimized_graph_cache_next_to_model(tiny_export_dir: Path, tmp_path: Path, photo_paths: list[Path]) -> None:
     folder = Path(shutil.copytree(tiny_export_dir, tmp_path / "model"))
+    assert (folder / "weights.bin").is_file()  # shared external weights: the cache must not point back at them
     uncached = Runtime(folder, device="cpu", cache_optimized=False).classify(photo_paths)
     assert not (folder / sessions.CACHE_DIR_NAME).exists()
-    first = Runtime(folder, device="cpu").classify(photo_paths)
-    cached = sorted((folder / sessions.CACHE_DIR_NAME).glob("classify.*.onnx"))
-    assert len(cached) == 1 and sessions.machine_key("CPUExecutionProvider") in cached[0].name
-    second = Runtime(folder, device="cpu").classify(photo_paths)  # loads the cached graph
+    writer = Runtime(folder, device="cpu")
+    first = writer.classify(photo_paths)
+    assert not writer.session("classify").from_cache
+    entries = sorted((folder / sessions.CACHE_DIR_NAME).glob("classify.*"))
+    assert len(entries) == 1 and entries[0].name.endswith(sessions.machine_key("CPUExecutionProvider"))
+    assert sorted(p.name for p in entries[0].iterdir()) == ["model.onnx", "model.onnx.data", "record.json"]
+
+    reader = Runtime(folder, device="cpu")
+    second = reader.classify(photo_paths)
+    assert reader.session("classify").from_cache  # really loaded from the cache, not silently rebuilt
     np.testing.assert_array_equal(first, uncached)
     np.testing.assert_array_equal(second, uncached)
 
-    cached[0].write_bytes(cached[0].read_bytes()[:-10])  # damaged cache: detected by its sidecar, rebuilt
-    np.testing.assert_array_equal(Runtime(folder, device="cpu").classify(photo_paths), uncached)
-    assert sessions._cache_is_valid(cached[0])
+    data = entries[0] / "model.onnx.data"
+    damaged = bytearray(data.read_bytes())
+    damaged[100] ^= 0xFF  # a damaged cache is detected by its record, rebuilt, and never used
+    data.write_bytes(bytes(damaged))
+    rebuilt = Runtime(folder, device="cpu")
+    np.testing.assert_array_equal(rebuilt.classify(photo_paths), uncached)
+    assert not rebuilt.session("classify").from_cache
+    assert sessions._cache_is_valid(entries[0])
+    assert Runtime(folder, device="cpu").load(["classify"]).session("classify").from_cache
+    assert [p.name for p in (folder / sessions.CACHE_DIR_NAME).iterdir() if p.name.startswith(".")] == []
 
 
 def test_read_only_model_dir_caches_in_user_dir(
@@ -288,7 +302,7 @@ def test_read_only_model_dir_caches_in_user_dir(
     monkeypatch.setattr(sessions, "_writable_dir", lambda p: False if folder in p.parents else real_writable(p))
     Runtime(folder, device="cpu").classify(photo_paths[0])
     assert not (folder / sessions.CACHE_DIR_NAME).exists()
-    assert len(list((tmp_path / "user-cache" / "ort-optimized").glob("classify.*.onnx"))) == 1
+    assert len(list((tmp_path / "user-cache" / "ort-optimized").glob("classify.*"))) == 1
 
 
 # --- devices, threads -----------------------------------------------------------------------------------------------

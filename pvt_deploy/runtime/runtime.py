@@ -295,8 +295,8 @@ class Runtime:
         self._verified.update(to_check)
         record = self.manifest["files"][graph_file]
         config = SessionConfig(self._providers, self.threads, self._cache_optimized)
-        raw = create_session(self.model_dir / graph_file, record["sha256"], config)
-        session = GraphSession(raw, GRAPH_OUTPUTS.get(graph, tuple(o.name for o in raw.get_outputs())))
+        raw, from_cache = create_session(self.model_dir / graph_file, record["sha256"], config)
+        session = GraphSession(raw, GRAPH_OUTPUTS.get(graph, tuple(o.name for o in raw.get_outputs())), from_cache)
         if self._providers[0] == CUDA_PROVIDER and not session.on_cuda:
             if self.device == "cuda":
                 raise DeviceError("device 'cuda' requested but onnxruntime could not start its CUDA provider")

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import tempfile
 import threading
 import warnings
@@ -116,24 +117,36 @@ def _writable_dir(path: Path) -> bool:
         return False
 
 
+CACHED_MODEL_NAME = "model.onnx"
+CACHED_DATA_NAME = "model.onnx.data"
+CACHED_RECORD_NAME = "record.json"
+
+
 def optimized_cache_path(model_dir: Path, graph_file: str, graph_sha256: str, provider: str) -> Path | None:
-    """Where the optimized graph lives: ``<model_dir>/.ort-cache/`` if writable, else the user cache dir."""
-    name = f"{Path(graph_file).stem}.{graph_sha256[:16]}.{machine_key(provider)}.onnx"
+    """The folder of one cached optimized graph: under ``<model_dir>/.ort-cache/`` if writable, else the user cache.
+
+    A folder, because the optimized graph keeps its weights in an external-data file beside it (graphs exported
+    with a shared ``weights.bin`` would otherwise point at a file that is not in the cache folder)."""
+    name = f"{Path(graph_file).stem}.{graph_sha256[:16]}.{machine_key(provider)}"
     for folder in (model_dir / CACHE_DIR_NAME, user_cache_dir()):
         if _writable_dir(folder):
             return folder / name
     return None
 
 
-def _cache_is_valid(path: Path) -> bool:
-    """The sidecar records the cached file's sha256, so a damaged cache is rebuilt instead of used."""
-    sidecar = path.with_suffix(".json")
-    if not path.is_file() or not sidecar.is_file():
-        return False
+def _cache_is_valid(entry: Path) -> bool:
+    """``record.json`` holds the sha256 and size of the cached files, so a damaged cache is rebuilt, never used."""
     try:
-        record = json.loads(sidecar.read_text(encoding="utf-8"))
-        return record.get("size") == path.stat().st_size and record.get("sha256") == sha256_file(path)
-    except (OSError, ValueError):
+        record = json.loads((entry / CACHED_RECORD_NAME).read_text(encoding="utf-8"))
+        files = record["files"]
+        if CACHED_MODEL_NAME not in files:
+            return False
+        for name, expected in files.items():
+            path = entry / name
+            if path.stat().st_size != expected["size"] or sha256_file(path) != expected["sha256"]:
+                return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
@@ -164,10 +177,11 @@ def _provider_entries(providers: list[str]) -> list[Any]:
     return entries
 
 
-def create_session(model_path: Path, graph_sha256: str, config: SessionConfig) -> ort.InferenceSession:
-    """Load one verified graph; reuse or write the optimized-graph cache (best effort, never required)."""
+def create_session(model_path: Path, graph_sha256: str, config: SessionConfig) -> tuple[ort.InferenceSession, bool]:
+    """Load one verified graph, reusing or writing the optimized-graph cache (best effort, never required).
+
+    Returns the session and whether it came from the cache."""
     entries = _provider_entries(config.providers)
-    full = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # CPU only: a graph optimized for the CUDA provider may hold provider-specific fusions whose serialized form
     # is not guaranteed to reload; unverified without a GPU, so CUDA sessions always optimize from the source.
     cache = (
@@ -179,36 +193,47 @@ def create_session(model_path: Path, graph_sha256: str, config: SessionConfig) -
         if cache is not None and _cache_is_valid(cache):
             try:
                 options = _session_options(config.threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-                return ort.InferenceSession(str(cache), options, providers=entries)
-            except Exception as exc:  # a stale or foreign cache file: rebuild from the verified source graph
+                return ort.InferenceSession(str(cache / CACHED_MODEL_NAME), options, providers=entries), True
+            except Exception as exc:  # a stale or foreign cache: rebuild it from the verified source graph
                 logger.info("ignoring optimized-graph cache %s (%s)", cache, exc)
-        options = _session_options(config.threads, full)
-        tmp_cache = None
+        options = _session_options(config.threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        staging = None
         if cache is not None:
-            tmp_cache = cache.with_name(f".{cache.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            options.optimized_model_filepath = str(tmp_cache)
+            staging = cache.with_name(f".{cache.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            options.optimized_model_filepath = str(staging / CACHED_MODEL_NAME)
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", CACHED_DATA_NAME
+            )
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         session = ort.InferenceSession(str(model_path), options, providers=entries)
-        if tmp_cache is not None and cache is not None:
-            _publish_cache(tmp_cache, cache)
-        return session
+        if staging is not None and cache is not None:
+            _publish_cache(staging, cache)
+        return session, False
     except DeviceError:
         raise
     except Exception as exc:
         raise ModelDirError(f"{model_path}: onnxruntime cannot load this graph ({_first_line(exc)})") from None
 
 
-def _publish_cache(tmp_cache: Path, cache: Path) -> None:
+def _publish_cache(staging: Path, cache: Path) -> None:
+    """Record checksums, then move the staging folder into place in one rename (a reader sees all or nothing)."""
     try:
-        if not tmp_cache.is_file():
+        if not (staging / CACHED_MODEL_NAME).is_file():
             return
-        record = {"sha256": sha256_file(tmp_cache), "size": tmp_cache.stat().st_size, "onnxruntime": ort.__version__}
-        tmp_cache.replace(cache)
-        sidecar_tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.json.tmp")
-        sidecar_tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
-        sidecar_tmp.replace(cache.with_suffix(".json"))
+        files = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in staging.iterdir() if p.is_file()}
+        record = {"files": files, "onnxruntime": ort.__version__, "machine": cache.name}
+        (staging / CACHED_RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        if cache.exists():  # damaged (else it would have been used) or just written by a concurrent process
+            if _cache_is_valid(cache):
+                return
+            shutil.rmtree(cache, ignore_errors=True)
+        staging.rename(cache)
     except OSError as exc:
         logger.info("could not write optimized-graph cache %s (%s)", cache, exc)
-        tmp_cache.unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -223,8 +248,9 @@ class GraphSession:
     """One loaded graph. ``run`` is safe to call from many threads (onnxruntime's ``run`` is; IO bindings are
     created per call)."""
 
-    def __init__(self, session: ort.InferenceSession, output_names: tuple[str, ...]) -> None:
+    def __init__(self, session: ort.InferenceSession, output_names: tuple[str, ...], from_cache: bool = False) -> None:
         self.session = session
+        self.from_cache = from_cache  # loaded from the optimized-graph cache
         self.output_names = output_names
         self.providers = session.get_providers()
         self.on_cuda = self.providers[0] == CUDA_PROVIDER
