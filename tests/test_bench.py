@@ -105,3 +105,13 @@ def test_bench_missing_folder_and_precision(tiny_export_dir: Path, tmp_path: Pat
     )
     assert no_int8.exit_code == 2 and "no int8 graphs exported" in no_int8.output
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.gpu
+def test_bench_quick_on_cuda(tiny_export_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cuda.json"
+    result = CliRunner().invoke(cli, ["bench", str(tiny_export_dir), "--quick", "--device", "cuda", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert any(row["device"] == "cuda" for row in data["runs"])
+    assert data["machine"].get("gpu")

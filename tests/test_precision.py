@@ -188,3 +188,26 @@ def test_unknown_precision_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ExportError, match="no variant maker for precision 'int4'"):
         make_variant(tmp_path / "x.onnx", "int4", tmp_path / "y.onnx")
+
+
+def test_static_int8_without_calibration_is_a_clear_error(tmp_path: Path) -> None:
+    from pvt_deploy.errors import ExportError
+
+    with pytest.raises(ExportError, match="needs calibration images"):
+        make_variant(tmp_path / "x.onnx", "int8", tmp_path / "y.onnx", int8_method="static")
+    with pytest.raises(ExportError, match="unknown int8 method 'qat'"):
+        make_variant(tmp_path / "x.onnx", "int8", tmp_path / "y.onnx", int8_method="qat")
+
+
+@pytest.mark.gpu
+def test_fp16_variant_on_cuda_matches_fp32(tmp_path: Path, photo_paths: list[Path]) -> None:
+    raw, _ = _export_raw(tmp_path, "features")
+    fp32 = tmp_path / "features.fp32.onnx"
+    optimize_fp32(raw, fp32)
+    fp16 = tmp_path / "features.fp16.onnx"
+    make_variant(fp32, "fp16", fp16)
+    x = _photos(photo_paths)
+    cuda = ort.InferenceSession(str(fp16), providers=["CUDAExecutionProvider"])
+    assert cuda.get_providers()[0] == "CUDAExecutionProvider"
+    for before, after in zip(_run(fp32, x), cuda.run(None, {"input": x}), strict=True):
+        assert _cosine(before, after).min() >= PARITY_THRESHOLDS["fp16"]["features_cosine_min"]

@@ -301,12 +301,20 @@ def _ratios(result: dict[str, Any]) -> dict[str, dict[str, float]]:
         for row in result["runs"]
         if row["engine"] == "pytorch-eager" and row["device"] == "cpu"
     }
+    cuda_fp16 = {
+        (row["threads"], row["batch"]): row["p50_ms"]
+        for row in result["runs"]
+        if row["engine"] == "pytorch-eager" and row["device"] == "cuda" and row["precision"] == "fp16-autocast"
+    }
     ratios: dict[str, dict[str, float]] = {}
     for row in result["runs"]:
         base = eager.get((row["threads"], row["batch"]))
         if base:
             row["speedup_vs_eager"] = base / row["p50_ms"]
             ratios.setdefault(row["variant"], {})[f"batch{row['batch']}"] = row["speedup_vs_eager"]
+        gpu_base = cuda_fp16.get((row["threads"], row["batch"]))
+        if gpu_base and row["device"] == "cuda":  # the CUDA target: ORT fp16 vs PyTorch fp16 autocast
+            row["speedup_vs_eager_cuda_fp16"] = gpu_base / row["p50_ms"]
     return ratios
 
 

@@ -36,8 +36,10 @@ com.microsoft fused ops assigned to the EP present at export time, and ALL bakes
 (onnxruntime itself warns the result is hardware specific). The runtime applies ALL when it loads the graph and
 caches that per machine, so nothing is lost at run time (docs/speed.md)."""
 
-INT8_OP_TYPES = ("Conv", "MatMul", "Gemm")
-"""Weight-carrying ops that get int8 kernels; LayerNorm, Softmax and GELU stay float because they are not listed."""
+INT8_OP_TYPES = ("MatMul", "Gemm")
+"""Ops that get int8 kernels. LayerNorm, Softmax and GELU stay float because they are not listed, and so does
+Conv: with the convs quantized too (QLinearConv) the static b2 graph ran 0.63x the fp32 speed here, with them
+float 1.15x (docs/speed.md)."""
 
 
 # --------------------------------------------------------------------------------------------------- fp32
@@ -229,18 +231,30 @@ def _save_offline_optimized(source: Path, out_path: Path, metadata: Iterable[onn
 # --------------------------------------------------------------------------------------------------- variants
 
 
+INT8_METHODS = ("static", "dynamic")
+
+
 def make_variant(
     fp32_path: Path,
     precision: str,
     out_path: Path,
     *,
     calibration_batches: Iterable[np.ndarray] | None = None,
+    int8_method: str | None = None,
 ) -> dict[str, Any]:
-    """Write the ``precision`` variant of one fp32 graph to ``out_path``; returns a description for the manifest."""
+    """Write the ``precision`` variant of one fp32 graph to ``out_path``; returns a description for the manifest.
+
+    int8: static QDQ calibrated on ``calibration_batches`` when given, dynamic quantization otherwise;
+    ``int8_method`` forces one (``"dynamic"`` measured faster on this AVX2 CPU without VNNI, docs/speed.md)."""
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     if precision == "int8":
         batches = list(calibration_batches) if calibration_batches is not None else []
-        if batches:
+        method = int8_method or ("static" if batches else "dynamic")
+        if method not in INT8_METHODS:
+            raise ExportError(f"unknown int8 method {method!r}; choose from {', '.join(INT8_METHODS)}")
+        if method == "static" and not batches:
+            raise ExportError("static int8 quantization needs calibration images (--calib DIR)")
+        if method == "static":
             description = _quantize_static(fp32_path, out_path, batches)
         else:
             description = _quantize_dynamic(fp32_path, out_path)
@@ -285,7 +299,7 @@ def float_nodes_for_int8(model: onnx.ModelProto, groups: Iterable[str] = INT8_FL
     initializers = {init.name for init in model.graph.initializer}
     keep: list[str] = []
     for node in model.graph.node:
-        if node.op_type not in INT8_OP_TYPES:
+        if node.op_type not in ("Conv", "MatMul", "Gemm"):
             continue
         weightless = node.op_type == "MatMul" and not any(name in initializers for name in node.input)
         if (
@@ -317,7 +331,7 @@ def _calibration_reader(input_name: str, batches: list[np.ndarray]) -> Any:
 
 
 def _quantize_static(fp32_path: Path, out_path: Path, batches: list[np.ndarray]) -> dict[str, Any]:
-    """Static QDQ, per-channel int8 weights and uint8 activations (the VNNI U8S8 path), MinMax-calibrated."""
+    """Static QDQ, per-channel int8 weights and uint8 activations (MLAS's U8S8 path), MinMax-calibrated."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(fp32_path))

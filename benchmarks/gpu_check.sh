@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One script for a session that has a CUDA GPU: the GPU parity tests, then the CUDA bench of b2 at 384.
+# Usage (from the repository root): bash benchmarks/gpu_check.sh [OUT_DIR]
+# Needs an environment with pvt-deploy[export] installed and onnxruntime-gpu with working CUDA (and TensorRT
+# libraries for the TensorRT rows; they are skipped with a reason otherwise). Budget: ~8 min on one H100.
+set -euo pipefail
+out_dir="${1:-benchmarks/results}"
+python="${PYTHON:-.venv/bin/python}"
+pvt="${PVT_DEPLOY:-.venv/bin/pvt-deploy}"
+mkdir -p "$out_dir"
+export_dir="$(mktemp -d)/pvt_v2_b2_random"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out_dir/gpu.txt"
+
+# 1. GPU tests (marked @pytest.mark.gpu; they skip on machines without CUDA)
+"$python" -m pytest -q -m gpu tests 2>&1 | tail -n 20
+
+# 2. b2 at 384 with seeded random weights, fp32 + fp16 (+ int8 for the CPU rows), then the CUDA bench:
+#    torch eager fp32 / fp16-autocast on CUDA (when torch has CUDA), ORT CUDA fp32 / fp16 with IO binding,
+#    TensorRT fp16, next to the CPU rows. Batches 1 and 32 carry the fp16 target (>= 2x eager fp16 autocast).
+"$pvt" export pvt_v2_b2 --random-weights --precision fp32,fp16 --out "$export_dir" --force
+card="$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 | head -n1 | tr ' ' '-')"
+"$pvt" bench "$export_dir" --device cuda --batch-sizes 1,8,32 --no-compile --budget 240 \
+    --out "$out_dir/bench-b2-384-cuda-${card}.json"
