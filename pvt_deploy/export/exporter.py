@@ -151,11 +151,11 @@ def _parse_precisions(precisions: Iterable[str]) -> list[str]:
     return ordered
 
 
-def _calibration_batches(calib_dir: Path | None, source: ExportSource, batch: int = 8) -> list[np.ndarray]:
-    """Preprocessed real photos for int8 calibration (random inputs if no folder is given)."""
+def _calibration_batches(calib_dir: Path | None, source: ExportSource, batch: int = 8) -> list[np.ndarray] | None:
+    """Preprocessed real photos for int8 calibration; None without --calib (the variant maker then picks its
+    calibration-free method)."""
     if calib_dir is None:
-        rng = np.random.default_rng(0)
-        return [rng.standard_normal((batch, 3, *source.size), dtype=np.float32) for _ in range(2)]
+        return None
     from pvt_deploy.preprocess import load_image, preprocess
 
     calib_dir = Path(calib_dir)
@@ -164,34 +164,56 @@ def _calibration_batches(calib_dir: Path | None, source: ExportSource, batch: in
     files = sorted(p for p in calib_dir.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp", ".bmp"})
     if not files:
         raise ExportError(f"--calib {calib_dir}: no images found")
-    images = [load_image(p) for p in files]
-    tensors = preprocess(images, source.size, source.rgb_stats)
+    tensors = preprocess([load_image(p) for p in files], source.size, source.rgb_stats)
     return [tensors[i : i + batch] for i in range(0, len(tensors), batch)]
 
 
-def _try_optimize_fp32(path: Path, graph: str, cache: ReferenceCache, cases: Sequence, log: Progress) -> dict:
-    """Apply the speed work's fp32 rewrite when it exists, and keep it only if parity still holds."""
+def _try_optimize_fp32(path: Path, graph: str, log: Progress) -> tuple[dict[str, Any], Path | None]:
+    """Apply the speed work's fp32 rewrite when it exists. Returns what happened and a backup of the simplified
+    graph to fall back to if the rewritten one then fails its parity sweep (None when nothing changed)."""
     candidate = path.with_name(path.stem + ".optimized.onnx")
     try:
         description = precision.optimize_fp32(path, candidate)
     except NotImplementedError:
-        return {"applied": False, "reason": "optimize_fp32 not implemented"}
-    except PvtDeployError as exc:
+        return {"applied": False, "reason": "optimize_fp32 not implemented"}, None
+    except Exception as exc:  # an optional speed-up must never break an export
         candidate.unlink(missing_ok=True)
-        return {"applied": False, "reason": f"optimize_fp32 failed: {exc}"}
-    try:
-        onnx_io.check_graph(candidate)
-        parity = sweep_parity(candidate, graph, "fp32", cache, cases)
-    except ExportError as exc:
-        candidate.unlink(missing_ok=True)
-        log(f"  {graph}: optimized graph rejected ({exc})")
-        return {"applied": False, "reason": f"rejected: {exc}"}
-    if not parity.passed:
-        candidate.unlink(missing_ok=True)
-        log(f"  {graph}: optimized graph rejected (parity: {'; '.join(parity.failures())})")
-        return {"applied": False, "reason": "rejected: parity", "failures": parity.failures()}
+        log(f"  {graph}: fp32 optimization skipped ({exc})")
+        return {"applied": False, "reason": f"optimize_fp32 failed: {exc}"}, None
+    backup = path.with_name(path.stem + ".simplified.onnx")
+    path.replace(backup)
     candidate.replace(path)
-    return {"applied": True, **(description or {})}
+    return {"applied": True, **(description or {})}, backup
+
+
+def _finish_fp32_graph(
+    path: Path, graph: str, metadata: dict[str, str], cache: ReferenceCache, cases: Sequence, backup: Path | None
+) -> tuple[GraphParity, str | None]:
+    """Stamp metadata, full-check and sweep the file as shipped; if an optimized graph fails, ship the simplified
+    one instead (and say why). Raises ``ExportError`` when the graph to ship fails."""
+    rejected = None
+    for attempt in ("optimized", "simplified") if backup is not None else ("simplified",):
+        if attempt == "simplified" and backup is not None:
+            backup.replace(path)
+            backup = None
+        onnx_io.set_metadata(path, metadata)
+        try:
+            onnx_io.check_graph(path)
+            result = sweep_parity(path, graph, "fp32", cache, cases)
+        except ExportError as exc:
+            if attempt == "optimized":
+                rejected = str(exc)
+                continue
+            raise
+        if result.passed:
+            if backup is not None:
+                backup.unlink()
+            return result, rejected
+        if attempt == "optimized":
+            rejected = "parity: " + "; ".join(result.failures())
+            continue
+        raise ExportError(f"{graph}.onnx failed parity with PyTorch: {'; '.join(result.failures())}")
+    raise AssertionError("unreachable")
 
 
 def _versions() -> dict[str, str]:
@@ -280,6 +302,8 @@ def export_model(
         raise ExportError(f"--opset {opset} is outside the range torch can export (7..25)")
     if out_dir is not None:
         _check_destination(Path(out_dir), force)  # fail before loading anything heavy
+    if calib_dir is not None and not Path(calib_dir).is_dir():
+        raise ExportError(f"--calib {calib_dir}: not a folder")
 
     source = resolve_export_source(
         source_or_loaded, random_weights=random_weights, network=network, layer_norm_eps=layer_norm_eps, size=size
@@ -313,19 +337,17 @@ def export_model(
                 opset=opset,
             )
             simplified = onnx_io.simplify_graph(path, simplifier)
-            optimized = _try_optimize_fp32(path, graph, cache, cases, log)
-            onnx_io.set_metadata(path, graph_metadata(source, graph, "fp32", dynamic_size))
-            onnx_io.check_graph(path)
-            result = sweep_parity(path, graph, "fp32", cache, cases)
-            if not result.passed:
-                raise ExportError(f"{graph}.onnx failed parity with PyTorch: {'; '.join(result.failures())}")
+            optimized, backup = _try_optimize_fp32(path, graph, log)
+            metadata = graph_metadata(source, graph, "fp32", dynamic_size)
+            result, rejected = _finish_fp32_graph(path, graph, metadata, cache, cases, backup)
+            if rejected:
+                optimized = {"applied": False, "reason": f"rejected: {rejected}"}
+                log(f"  {graph}: optimized fp32 graph rejected ({rejected}); shipping the simplified one")
             parity["export"][f"{graph}/fp32"] = result.to_json()
             steps[graph] = {"simplify": simplified, "optimize_fp32": optimized}
             fp32_paths.append(path)
-            log(
-                f"  {graph}.onnx: exported, simplified and matched PyTorch at {len(cases)} shapes "
-                f"({time.perf_counter() - t0:.1f}s)"
-            )
+            done = "exported, simplified, optimized" if optimized.get("applied") else "exported, simplified"
+            log(f"  {graph}.onnx: {done} and matched PyTorch at {len(cases)} shapes ({time.perf_counter() - t0:.1f}s)")
 
         variants: dict[tuple[str, str], dict[str, Any]] = {}
         if len(wanted) > 1:
@@ -405,7 +427,7 @@ def _make_variant(
     precision_name: str,
     source: ExportSource,
     dynamic_size: bool,
-    calibration: list[np.ndarray],
+    calibration: list[np.ndarray] | None,
     cache: ReferenceCache,
     cases: Sequence,
     parity: dict[str, Any],
