@@ -248,6 +248,7 @@ def mmcr(env: Any, data: str, **kwargs: Any) -> None:
         momentum_tau=kwargs["momentum_tau"],
         aug_level=kwargs["aug_level"],
         min_scale=kwargs["min_scale"],
+        flip=kwargs["flip"],
         drop_path_rate=kwargs["drop_path_rate"],
     )
     out_dir = kwargs["out_dir"] or f"runs/mmcr_{config.network}"

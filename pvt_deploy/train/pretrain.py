@@ -30,6 +30,7 @@ class MMCRConfig:
     momentum_tau: float = DEFAULT_MOMENTUM_TAU
     aug_level: int = 8
     min_scale: float = 0.3
+    flip: bool = True
     layer_norm_eps: float = BIRDER_LAYER_NORM_EPS
     drop_path_rate: float | None = None
     rgb_stats: RGBStats = field(default_factory=lambda: dict(BIRDER_RGB_STATS))
@@ -44,6 +45,7 @@ class MMCRConfig:
             "momentum_tau": self.momentum_tau,
             "aug_level": self.aug_level,
             "min_scale": self.min_scale,
+            "flip": self.flip,
             "layer_norm_eps": self.layer_norm_eps,
             "drop_path_rate": self.drop_path_rate,
         }
@@ -76,7 +78,7 @@ def train_mmcr(
     """Pretrain; writes birder-layout checkpoints into ``out_dir`` and returns the last step's metrics."""
     out_dir = Path(out_dir)
     folder = ImageFolder.unlabelled(data)
-    augment = AugmentConfig(size=config.size, level=config.aug_level, min_scale=config.min_scale)
+    augment = AugmentConfig(size=config.size, level=config.aug_level, min_scale=config.min_scale, flip=config.flip)
     dataset = ViewsDataset(folder, augment, config.rgb_stats, config.n_aug)
     net = build_mmcr(config, loop.seed).to(env.device)
     run_name = ckpt.mmcr_run_name(config.network)
