@@ -155,3 +155,22 @@ def test_published_name_with_random_weights_takes_its_network_and_resolution() -
     assert (source.network, source.size, len(source.labels)) == ("pvt_v2_b2", (256, 256), 550)
     assert source.labels[0] == "class_000" and source.labels[-1] == "class_549"
     assert default_out_dir(source) == Path("exported/pvt_v2_b2_mmcr-il-all256px-random-weights")
+
+
+@pytest.mark.slow
+def test_int8_variant_is_exported_labelled_and_verified(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    out = tmp_path / "tiny-int8"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["export", str(tiny_checkpoint), "--out", str(out), "--precision", "fp32,int8"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    for graph in GRAPH_OUTPUTS:
+        assert manifest["graphs"][graph]["int8"]["file"] == f"{graph}.int8.onnx"
+        assert manifest["parity"]["export"][f"{graph}/int8"]["passed"] is True
+    meta = ort.InferenceSession(str(out / "embed.int8.onnx"), providers=["CPUExecutionProvider"])
+    assert meta.get_modelmeta().custom_metadata_map[MetadataKey.PRECISION] == "int8"
+    verified = runner.invoke(cli, ["verify", str(out)])
+    assert verified.exit_code == 0, verified.output
+    assert set(read_manifest(out)["parity"]["verify"]["results"]) == {
+        f"{g}/{p}" for g in GRAPH_OUTPUTS for p in ("fp32", "int8")
+    }
