@@ -28,8 +28,8 @@ from pvt_deploy.runtime.sessions import (
 
 DEFAULT_BATCH_SIZE = 1
 """Micro-batch size on the CPU, from benchmarks/runtime_microbatch.py (docs/runtime.md): for b2 at 384 on the 2-core
-dev machine, batch 8 cost 17% more per image than batch 1 with 1 thread and was within noise of it with 2, so the
-smallest batch wins (and has the lowest latency and memory)."""
+dev machine, batch 1 was the cheapest per image (batch 8: +13..19% with 1 thread, within noise or worse with 2),
+and it has the lowest latency and memory."""
 
 DEFAULT_CUDA_BATCH_SIZE = 16
 """On a GPU larger batches amortise launch overhead; unmeasured this session (no GPU), a conservative choice."""
