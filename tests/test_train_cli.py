@@ -62,3 +62,13 @@ def test_finetune_init_must_be_a_checkpoint(data: Path, tmp_path: Path) -> None:
     not_a_checkpoint.write_bytes(b"garbage")
     code, output = _invoke("train", "finetune", str(data), "--init", str(not_a_checkpoint), "--steps", "1")
     assert code == 2 and output.strip().splitlines()[-1].startswith("Error: ")
+
+
+def test_undecodable_image_in_a_worker_is_one_line_exit_4(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    (data / "discs" / "000.png").write_bytes(b"\x89PNG truncated")
+    args = [a for a in TINY if a not in ("--workers", "0")]
+    code, output = _invoke("train", "mmcr", str(data), *args, "--workers", "1", "--batch-size", "4", "--steps", "1")
+    assert code == 4, output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("Error: cannot decode image") and "000.png" in last and "Traceback" not in output

@@ -220,6 +220,12 @@ def train() -> None:
     help="Smallest random-resized-crop area fraction.",
 )
 @click.option(
+    "--flip/--no-flip",
+    default=True,
+    show_default=True,
+    help="Random horizontal flips (turn off for data that is not mirror-symmetric, e.g. digits).",
+)
+@click.option(
     "--drop-path-rate", type=click.FloatRange(0.0, 1.0), default=None, help="Override the network's stochastic depth."
 )
 @_loop_options(default_lr=1e-3, default_wd=1e-6)
