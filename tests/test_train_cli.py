@@ -26,6 +26,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_help_lists_both_commands() -> None:
     code, output = _invoke("train", "--help")
     assert code == 0 and "mmcr" in output and "finetune" in output
+    code, output = _invoke("train", "mmcr", "--help")
+    assert code == 0 and all(flag in output for flag in ("--resume", "--bf16", "--no-flip", "--checkpoint-every"))
 
 
 @pytest.mark.parametrize(
