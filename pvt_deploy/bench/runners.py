@@ -138,8 +138,9 @@ def _deadline(seconds: float) -> Iterator[None]:
 class TorchCompileRunner(TorchEagerRunner):
     """``torch.compile`` (inductor, default mode) of the same model; skipped when it fails or exceeds its time box.
 
-    Compiled with ``dynamic=False`` so each batch size gets its own specialised graph; a new batch size recompiles
-    during that batch's warm-up, which ``bench`` keeps apart from the steady state."""
+    Compiled with torch's automatic dynamic shapes: the first batch size gets a static graph, the second one
+    recompiles once with a symbolic batch that serves every later size. Recompiles happen in warm-up or fidelity
+    calls, which ``bench`` keeps apart from the steady state."""
 
     engine = "torch-compile"
 
@@ -155,7 +156,7 @@ class TorchCompileRunner(TorchEagerRunner):
         begin = time.perf_counter()
         try:
             with _deadline(self.timeout_s):
-                self.model = torch.compile(self._eager.eval(), dynamic=False)
+                self.model = torch.compile(self._eager.eval())
                 self._forward(first_batch)
         except Exception as exc:  # includes TimeoutError and inductor/compiler failures
             self.model = self._eager
