@@ -19,14 +19,14 @@ from pvt_deploy.export.precision import (
 from tests.fixtures.checkpoints import BIRDER_RGB_STATS, TINY_SIZE, make_tiny_model
 
 
-def _export_raw(tmp_path: Path, graph: str, dynamic_size: bool = False) -> tuple[Path, object]:
+def _export_raw(tmp_path: Path, graph: str, dynamic_size: bool = False, **options: object) -> tuple[Path, object]:
     """A plain (exported + simplified, not yet optimized) tiny graph and its PyTorch model."""
     from pvt_deploy.export.graphs import wrap
     from pvt_deploy.export.onnx_io import export_graph, simplify_graph
 
     model = make_tiny_model()
     path = tmp_path / f"{graph}.onnx"
-    export_graph(wrap(model, graph), graph, path, size=TINY_SIZE, dynamic_size=dynamic_size)
+    export_graph(wrap(model, graph), graph, path, size=TINY_SIZE, dynamic_size=dynamic_size, **options)
     simplify_graph(path)
     return path, model
 
@@ -89,6 +89,16 @@ def test_optimize_fp32_rewrites_every_token_conv_and_keeps_parity(tmp_path: Path
         for before, after in zip(_run(raw, x), _run(optimized, x), strict=True):
             assert before.shape == after.shape
             assert np.abs(before - after).max() <= PARITY_THRESHOLDS["fp32"]["features_max_abs"]
+
+
+def test_optimize_fp32_on_a_dynamo_export(tmp_path: Path) -> None:
+    """The dynamo exporter's Reshapes carry allowzero=1; the rewrite must not inherit it for its 0-copy shapes."""
+    raw, _ = _export_raw(tmp_path, "embed", exporter="dynamo", opset=18)
+    optimized = tmp_path / "embed.optimized.onnx"
+    assert optimize_fp32(raw, optimized)["channels_last_convs"] == 7
+    x = np.random.default_rng(1).standard_normal((2, 3, *TINY_SIZE), dtype=np.float32)
+    (before,), (after,) = _run(raw, x), _run(optimized, x)
+    assert np.abs(before - after).max() <= 1e-5
 
 
 def test_optimize_fp32_keeps_metadata(tmp_path: Path) -> None:

@@ -139,6 +139,7 @@ def _channels_last_convs(graph: onnx.GraphProto) -> int:
         to_tokens.output[0] = conv_nhwc
         flatten.input[0] = conv_nhwc
         flatten.input[1] = tokens_shape.name
+        flatten.ClearField("attribute")  # the dynamo exporter sets allowzero=1, which would read our 0 literally
         flatten.output[0] = flatten_out
         count += 1
     if count:
