@@ -409,7 +409,9 @@ def export_model(
                 "simplifier": simplifier,
                 "steps": steps,
                 "shared_weights": sharing,
-                "choice": "see docs/export.md (dev/bench_exporters.py)",
+                "choice": onnx_io.EXPORTER_CHOICE
+                if (exporter, opset) == (onnx_io.DEFAULT_EXPORTER, onnx_io.DEFAULT_OPSET)
+                else {"why": "overridden with --exporter/--opset"},
                 "versions": _versions(),
                 "seconds": round(time.perf_counter() - started, 1),
             },
