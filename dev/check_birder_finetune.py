@@ -9,7 +9,11 @@ Run with birder's venv (not in CI; needs /work/birder-venv):
 2. Load it with birder's ``fs_ops.load_checkpoint`` (the training-resume loader) and ``fs_ops.load_model``
    (the inference loader), run logits and embedding on fixed inputs, and with our ``load_checkpoint`` (via our
    venv) on the same inputs.
-3. Write tests/golden/birder_loads_finetune.json: birder's outputs, ours, and their max abs differences. CI
+3. Also make a fresh `train mmcr` run and load its three files in birder under birder's names: the backbone with
+   ``load_checkpoint`` (tag "mmcr"), the whole MMCR net with birder's ``MMCR`` class and
+   ``load_simple_checkpoint`` (which also reads our training-states file), comparing backbone embeddings and
+   encoder / momentum-encoder projections (eval mode) with ours.
+4. Write tests/golden/birder_loads_finetune.json: birder's outputs, ours, and their max abs differences. CI
    (tests/test_train_birder_golden.py) checks our side still reproduces birder's recorded numbers.
 """
 
@@ -111,6 +115,83 @@ def birder_outputs() -> dict:
     return results
 
 
+OURS_MMCR_SNIPPET = """
+import json, sys, torch
+from pvt_deploy.model.checkpoint import load_checkpoint
+from pvt_deploy.train.pretrain import MMCRConfig, build_mmcr
+run, x_shape, seed, dims = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+x = torch.randn(*x_shape, generator=torch.Generator().manual_seed(seed))
+backbone = load_checkpoint(f"{run}/pvt_v2_tiny_mmcr_4.pt").model
+net = build_mmcr(MMCRConfig(network="pvt_v2_tiny", size=(32, 32), projector_dims=tuple(dims)), seed=0)
+net.load_state_dict(torch.load(f"{run}/mmcr_pvt_v2_tiny_4.pt", weights_only=True)["state"], strict=True)
+net.eval()
+with torch.no_grad():
+    out = {"backbone_embedding": backbone.embedding(x).tolist(), "encoder": net.encoder(x).tolist(),
+           "momentum_encoder": net.momentum_encoder(x).tolist()}
+print(json.dumps(out))
+"""
+PROJECTOR_DIMS = [64, 64, 32]
+
+
+def check_mmcr_files() -> dict:
+    """birder loads the three files `train mmcr` writes, under birder's own names, with its own loaders."""
+    import torch
+    from birder.common import fs_ops
+    from birder.conf import settings
+    from birder.model_registry import registry
+    from birder.net.ssl.mmcr import MMCR
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_images(root / "data")
+        command = ["train", "mmcr", str(root / "data"), "--network", "pvt_v2_tiny", "--size", "32",
+                   "--projector-dims", ",".join(map(str, PROJECTOR_DIMS)), "--steps", "4", "--out", str(root / "run"),
+                   "--batch-size", "8", "--workers", "0", "--threads", "1", "--no-progress"]  # fmt: skip
+        subprocess.run([str(OUR_PYTHON), "-m", "pvt_deploy", *command], check=True, cwd=REPO)
+        ours_run = subprocess.run(
+            [str(OUR_PYTHON), "-c", OURS_MMCR_SNIPPET, str(root / "run"), json.dumps(list(INPUT_SHAPE)),
+             str(INPUT_SEED), json.dumps(PROJECTOR_DIMS)],
+            check=True, capture_output=True, text=True, cwd=REPO,
+        )  # fmt: skip
+        ours = json.loads(ours_run.stdout.strip().splitlines()[-1])
+        models = root / "models"
+        models.mkdir()
+        # birder's names for network pvt_v2_b0 (our pvt_v2_tiny is pvt_v2_b0 + the stored config)
+        for ours_name, birder_name in (
+            ("pvt_v2_tiny_mmcr_4.pt", "pvt_v2_b0_mmcr_4.pt"),
+            ("mmcr_pvt_v2_tiny_4.pt", "mmcr_pvt_v2_b0_4.pt"),
+            ("mmcr_pvt_v2_tiny_4_states.pt", "mmcr_pvt_v2_b0_4_states.pt"),
+        ):
+            shutil.copyfile(root / "run" / ours_name, models / birder_name)
+        settings.MODELS_DIR = models
+        device = torch.device("cpu")
+        config = torch.load(models / "pvt_v2_b0_mmcr_4.pt", weights_only=True)["config"]
+        x = torch.randn(*INPUT_SHAPE, generator=torch.Generator().manual_seed(INPUT_SEED))
+        # the backbone, as birder's train.py --network pvt_v2_b0 --tag mmcr --resume-epoch 4 loads it
+        backbone_states = fs_ops.load_checkpoint(device, "pvt_v2_b0", config=config, tag="mmcr", epoch=4)
+        backbone_states.net.eval()
+        # the whole net plus its training states, as birder's train_mmcr.py --resume-epoch 4 loads them
+        backbone = registry.net_factory("pvt_v2_b0", 0, 3, config=config, size=(32, 32))
+        net = MMCR(backbone, config={"projector_dims": PROJECTOR_DIMS})
+        simple = fs_ops.load_simple_checkpoint(device, net, "mmcr_pvt_v2_b0", epoch=4, strict=True)
+        net.eval()
+        with torch.no_grad():
+            theirs = {
+                "backbone_embedding": backbone_states.net.embedding(x).tolist(),
+                "encoder": net.encoder(x).tolist(),
+                "momentum_encoder": net.momentum_encoder(x).tolist(),
+            }
+        return {
+            "made_by": "pvt-deploy " + " ".join(c.replace(tmp, "$TMP") for c in command),
+            "birder_loaders": {
+                "pvt_v2_b0_mmcr_4.pt": "fs_ops.load_checkpoint(network='pvt_v2_b0', tag='mmcr', epoch=4, config=...)",
+                "mmcr_pvt_v2_b0_4.pt + _states.pt": "birder MMCR(...) + fs_ops.load_simple_checkpoint(strict=True)",
+            },
+            "training_states_read_by_birder": simple.training_states.optimizer_state is not None,
+            "max_abs_diff_ours_vs_birder": {k: max_abs_diff(theirs[k], ours[k]) for k in theirs},
+        }
+
+
 def max_abs_diff(a: list, b: list) -> float:
     import torch
 
@@ -154,10 +235,12 @@ def main() -> None:
         "birder_class_to_idx": theirs["load_model_class_to_idx"],
         "class_to_idx_agree": theirs["load_model_class_to_idx"] == theirs["load_checkpoint_class_to_idx"],
         "max_abs_diff_ours_vs_birder": diffs,
+        "mmcr_checkpoints": check_mmcr_files(),
     }
     RESULT.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: record[k] for k in ("checkpoint_sha256", "birder_version", "max_abs_diff_ours_vs_birder")}))
-    worst = max(diffs.values())
+    worst = max([*diffs.values(), *record["mmcr_checkpoints"]["max_abs_diff_ours_vs_birder"].values()])
+    print(json.dumps(record["mmcr_checkpoints"]))
     if worst > 1e-5:
         sys.exit(f"birder's outputs differ from ours by {worst:.3g}")
 

@@ -19,6 +19,11 @@ def test_birder_recorded_identical_outputs_when_it_loaded_our_checkpoint() -> No
     assert RECORD["birder_version"].lstrip("v") == "0.8.4"
     assert RECORD["class_to_idx_agree"] and RECORD["birder_class_to_idx"] == {"discs": 0, "stripes": 1}
     assert max(RECORD["max_abs_diff_ours_vs_birder"].values()) <= 1e-5
+    # the MMCR run's files, under birder's names: backbone, whole net (birder's MMCR class, strict) and states
+    mmcr = RECORD["mmcr_checkpoints"]
+    assert mmcr["training_states_read_by_birder"]
+    assert set(mmcr["max_abs_diff_ours_vs_birder"]) == {"backbone_embedding", "encoder", "momentum_encoder"}
+    assert max(mmcr["max_abs_diff_ours_vs_birder"].values()) <= 1e-5
 
 
 def test_our_loader_still_reproduces_birders_outputs() -> None:
