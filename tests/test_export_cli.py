@@ -174,3 +174,46 @@ def test_int8_variant_is_exported_labelled_and_verified(tmp_path: Path, tiny_che
     assert set(read_manifest(out)["parity"]["verify"]["results"]) == {
         f"{g}/{p}" for g in GRAPH_OUTPUTS for p in ("fp32", "int8")
     }
+
+
+def test_optimized_graph_failing_parity_is_replaced_by_the_simplified_one(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch
+) -> None:
+    """If the speed work's fp32 rewrite ever changes the answers, export ships the simplified graph instead."""
+    import onnx
+    from onnx import numpy_helper
+
+    from pvt_deploy.export import exporter, precision
+    from pvt_deploy.model.checkpoint import load_checkpoint
+
+    def wrong_rewrite(model_path: Path, out_path: Path) -> dict:
+        model = onnx.load(str(model_path))
+        # an MLP's depthwise conv (group > 1): the other convs feed a LayerNorm, which removes exactly the
+        # per-token constant shift that adding 0.5 to every weight causes
+        depthwise = next(
+            node.input[1]
+            for node in model.graph.node
+            if node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)
+        )
+        tensor = next(t for t in model.graph.initializer if t.name == depthwise)
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) + 0.5, tensor.name))
+        onnx.save(model, str(out_path))
+        return {"rewrite": "deliberately wrong"}
+
+    monkeypatch.setattr(precision, "optimize_fp32", wrong_rewrite)
+    manifest = exporter.export_model(load_checkpoint(tiny_checkpoint), tmp_path / "out")
+    for graph in GRAPH_OUTPUTS:
+        step = manifest["export"]["steps"][graph]["optimize_fp32"]
+        assert step["applied"] is False and step["reason"].startswith("rejected: parity"), (graph, step)
+        assert manifest["parity"]["export"][f"{graph}/fp32"]["passed"] is True
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*manifest["files"], "manifest.json"])
+
+
+def test_parity_failure_aborts_the_export(tmp_path: Path, tiny_checkpoint: Path, monkeypatch) -> None:
+    from pvt_deploy.export.precision import PARITY_THRESHOLDS
+
+    monkeypatch.setitem(PARITY_THRESHOLDS["fp32"], "logits_max_abs", 0.0)  # nothing is that exact
+    result = CliRunner().invoke(cli, ["export", str(tiny_checkpoint), "--out", str(tmp_path / "out")])
+    assert result.exit_code == ExportError.exit_code
+    assert result.output.splitlines()[-1].startswith("Error: classify.onnx failed parity with PyTorch: classify/fp32")
+    assert _leftovers(tmp_path) == []

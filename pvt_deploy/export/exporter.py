@@ -76,7 +76,7 @@ def ort_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ExportError(f"{path.name}: onnxruntime cannot load it: {exc}") from exc
+        raise ExportError(f"{path.name}: onnxruntime cannot load it: {onnx_io.first_line(exc)}") from exc
 
 
 class ReferenceCache:
@@ -114,7 +114,9 @@ def sweep_parity(
         try:
             got = session.run(list(GRAPH_OUTPUTS[graph]), {INPUT_NAME: x})
         except Exception as exc:
-            raise ExportError(f"{path.name}: onnxruntime failed at batch {batch}, {size[0]}x{size[1]}: {exc}") from exc
+            raise ExportError(
+                f"{path.name}: onnxruntime failed at batch {batch}, {size[0]}x{size[1]}: {onnx_io.first_line(exc)}"
+            ) from exc
         for name, value in zip(GRAPH_OUTPUTS[graph], got, strict=True):
             try:
                 result.add(name, output_metrics(name, reference[name], value))
@@ -178,8 +180,8 @@ def _try_optimize_fp32(path: Path, graph: str, log: Progress) -> tuple[dict[str,
         return {"applied": False, "reason": "optimize_fp32 not implemented"}, None
     except Exception as exc:  # an optional speed-up must never break an export
         candidate.unlink(missing_ok=True)
-        log(f"  {graph}: fp32 optimization skipped ({exc})")
-        return {"applied": False, "reason": f"optimize_fp32 failed: {exc}"}, None
+        log(f"  {graph}: fp32 optimization skipped ({onnx_io.first_line(exc)})")
+        return {"applied": False, "reason": f"optimize_fp32 failed: {onnx_io.first_line(exc)}"}, None
     backup = path.with_name(path.stem + ".simplified.onnx")
     path.replace(backup)
     candidate.replace(path)
@@ -441,10 +443,12 @@ def _make_variant(
         description = precision.make_variant(fp32_path, precision_name, out_path, calibration_batches=batches)
     except NotImplementedError:
         raise ExportError(f"--precision {precision_name} is not available yet (make_variant not implemented)") from None
-    except PvtDeployError:
-        raise
+    except PvtDeployError as exc:
+        raise type(exc)(onnx_io.first_line(exc)) from exc
     except Exception as exc:
-        raise ExportError(f"{graph}: making the {precision_name} variant failed: {type(exc).__name__}: {exc}") from exc
+        raise ExportError(
+            f"{graph}: making the {precision_name} variant failed: {type(exc).__name__}: {onnx_io.first_line(exc)}"
+        ) from exc
     onnx_io.set_metadata(out_path, graph_metadata(source, graph, precision_name, dynamic_size))
     onnx_io.check_graph(out_path)
     result = sweep_parity(out_path, graph, precision_name, cache, cases)

@@ -64,6 +64,13 @@ def _quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """Exporter and checker errors span pages; the CLI promises one line."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def _dynamic_axes(graph: str, dynamic_size: bool) -> dict[str, dict[int, str]]:
     axes: dict[str, dict[int, str]] = {INPUT_NAME: {0: "batch"}}
     if dynamic_size:
@@ -127,7 +134,9 @@ def export_graph(
     except ExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"{graph}: {exporter} export at opset {opset} failed: {type(exc).__name__}: {exc}") from exc
+        raise ExportError(
+            f"{graph}: {exporter} export at opset {opset} failed: {type(exc).__name__}: {first_line(exc)}"
+        ) from exc
     return path
 
 
@@ -154,7 +163,7 @@ def simplify_graph(path: Path, tool: str = DEFAULT_SIMPLIFIER) -> dict[str, Any]
     except ExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"{path.name}: {tool} failed: {type(exc).__name__}: {exc}") from exc
+        raise ExportError(f"{path.name}: {tool} failed: {type(exc).__name__}: {first_line(exc)}") from exc
     onnx.save(simplified, str(path))
     version = getattr(onnxsim if tool == "onnxsim" else onnxslim, "__version__", "unknown")
     return {"tool": tool, "version": str(version), "nodes_before": before, "nodes_after": len(simplified.graph.node)}
@@ -175,7 +184,7 @@ def check_graph(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
-        raise ExportError(f"{path.name}: onnx.checker failed: {exc}") from exc
+        raise ExportError(f"{path.name}: onnx.checker failed: {first_line(exc)}") from exc
 
 
 _DTYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.INT8: "int8"}
