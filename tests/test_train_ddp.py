@@ -93,6 +93,18 @@ def test_two_process_cli_run_tracks_one_process_run(tmp_path: Path) -> None:
     for key in one:
         assert torch.allclose(one[key].float(), two[key].float(), atol=3e-4), key
 
+    # fine-tuning: cross-entropy is a mean over each rank's equal share, DDP averages -> the global mean's gradient
+    init = str(tmp_path / "one" / "pvt_v2_tiny_mmcr_3.pt")
+    tune = ["train", "finetune", str(data), "--init", init, "--batch-size", "8", "--steps", "2", "--workers", "0",
+            "--threads", "1", "--no-progress"]  # fmt: skip
+    _run([sys.executable, "-m", "pvt_deploy", *tune, "--out", str(tmp_path / "ft_one")])
+    _run([*_torchrun(2), "-m", "pvt_deploy", *tune, "--out", str(tmp_path / "ft_two")])
+    tuned = {
+        run: [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("ft_one", "ft_two")
+    }
+    assert len(tuned["ft_one"]) == 2 and tuned["ft_two"] == pytest.approx(tuned["ft_one"], rel=1e-5)
+
 
 if __name__ == "__main__":
     _grad_worker(Path(sys.argv[1]))
