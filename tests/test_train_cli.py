@@ -74,3 +74,11 @@ def test_undecodable_image_in_a_worker_is_one_line_exit_4(tmp_path: Path) -> Non
     assert code == 4, output
     last = output.strip().splitlines()[-1]
     assert last.startswith("Error: cannot decode image") and "000.png" in last and "Traceback" not in output
+
+
+def test_epochs_sets_the_step_count(data: Path, tmp_path: Path) -> None:
+    out = str(tmp_path)
+    code, output = _invoke("train", "mmcr", str(data), *TINY, "--batch-size", "2", "--epochs", "2", "--out", out)
+    assert code == 0, output
+    assert "done: step 4" in output  # 4 images / batch 2 = 2 steps per epoch
+    assert (tmp_path / "pvt_v2_tiny_mmcr_4.pt").is_file() and (tmp_path / "metrics.jsonl").is_file()

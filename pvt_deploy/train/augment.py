@@ -18,6 +18,8 @@ BIRDER_RGB_STATS: RGBStats = {"mean": (0.5191, 0.5306, 0.4877), "std": (0.2316, 
 """birder's default ("birder" rgb mode) normalisation, the one its PVT v2 checkpoints carry."""
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 
 def _uniform(g: torch.Generator, low: float, high: float) -> float:
@@ -125,11 +127,10 @@ def adjust_saturation(image: torch.Tensor, factor: float) -> torch.Tensor:
 
 def adjust_hue(image: torch.Tensor, shift: float) -> torch.Tensor:
     """Rotate chroma in YIQ space by ``shift`` turns (|shift| <= 0.5)."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
     angle = 2.0 * math.pi * shift
     cos, sin = math.cos(angle), math.sin(angle)
     rotate = torch.tensor([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
-    transform = torch.linalg.inv(to_yiq) @ rotate @ to_yiq
+    transform = _YIQ_TO_RGB @ rotate @ _RGB_TO_YIQ
     return torch.einsum("ij,jhw->ihw", transform.to(image.dtype), image).clamp_(0.0, 1.0)
 
 
