@@ -41,8 +41,9 @@ names = ["probabilities", "logits", "embedding"]
 def export(exporter: str, opset: int, path: Path) -> float:
     """The shipped code path (pvt_deploy.export.onnx_io), so the measurement is of what export writes."""
     t0 = time.perf_counter()
-    onnx_io.export_graph(wrap(model, "classify"), "classify", path, size=(SIZE, SIZE), dynamic_size=False,
-                         exporter=exporter, opset=opset)
+    onnx_io.export_graph(
+        wrap(model, "classify"), "classify", path, size=(SIZE, SIZE), dynamic_size=False, exporter=exporter, opset=opset
+    )
     return time.perf_counter() - t0
 
 
@@ -72,8 +73,15 @@ def parity(sess: ort.InferenceSession) -> dict[str, float]:
 
 
 candidates = {}
-report = {"size": SIZE, "batch": 1, "threads": 2, "rounds": ROUNDS, "torch": torch.__version__,
-          "onnxruntime": ort.__version__, "candidates": {}}
+report = {
+    "size": SIZE,
+    "batch": 1,
+    "threads": 2,
+    "rounds": ROUNDS,
+    "torch": torch.__version__,
+    "onnxruntime": ort.__version__,
+    "candidates": {},
+}
 plan = [("torchscript", 17), ("torchscript", 18), ("dynamo", 18), ("dynamo", 20), ("dynamo", 23)]
 for exporter, opset in plan:
     raw = WORK / f"{exporter}_op{opset}.onnx"
