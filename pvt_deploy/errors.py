@@ -55,3 +55,21 @@ class TrainingError(PvtDeployError):
     """A training run cannot start or continue (bad options, missing or mismatched resume state)."""
 
     exit_code = 9
+
+
+class OutputError(PvtDeployError):
+    """The output location is in a state the command will not overwrite or cannot use."""
+
+    exit_code = 1
+
+
+class BenchError(PvtDeployError):
+    """``bench`` options or inputs are unusable."""
+
+    exit_code = 2
+
+
+class DeviceError(PvtDeployError):
+    """``device="cuda"`` was asked for but onnxruntime cannot run on a CUDA device here."""
+
+    exit_code = 10

@@ -32,7 +32,7 @@ from pvt_deploy.bench.runners import (
     TorchEagerRunner,
     cuda_device_present,
 )
-from pvt_deploy.errors import PvtDeployError
+from pvt_deploy.errors import BenchError
 from pvt_deploy.manifest import read_manifest
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -57,10 +57,6 @@ class BenchConfig:
     budget_s: float = 360.0  # steady-state seconds for all batch sizes of one thread setting together
     micro_batch: int | None = None  # Runtime batch_size; None lets the runtime choose
     checkpoint: Path | None = None
-
-
-class BenchError(PvtDeployError):
-    exit_code = 2
 
 
 def _input_images(config: BenchConfig, manifest: dict[str, Any]) -> tuple[np.ndarray, str]:
@@ -100,7 +96,7 @@ def _fidelity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]
 
 
 def _make_runners(config: BenchConfig, manifest: dict[str, Any], threads: int, tmp: Path) -> list[Runner]:
-    from pvt_deploy.export.verify import _torch_model
+    from pvt_deploy.export.verify import reference_model
 
     exported = _exported_precisions(manifest)
     wanted = list(config.precisions) if config.precisions else exported
@@ -113,7 +109,7 @@ def _make_runners(config: BenchConfig, manifest: dict[str, Any], threads: int, t
     if device == "cuda" and not cuda_device_present():
         raise BenchError("--device cuda: no NVIDIA device / CUDA provider here")
 
-    model, _ = _torch_model(manifest, config.model_dir, config.checkpoint)
+    model, _ = reference_model(manifest, config.model_dir, config.checkpoint)
     runners: list[Runner] = []
     if config.eager:
         runners.append(TorchEagerRunner(model, threads))

@@ -7,23 +7,19 @@ from pathlib import Path
 
 import click
 
-from pvt_deploy.errors import PvtDeployError
+from pvt_deploy.errors import BenchError
 
 QUICK_NETWORK = "pvt_v2_tiny"
 QUICK_SIZE = (64, 64)
-
-
-class BenchInputError(PvtDeployError):
-    exit_code = 2
 
 
 def _int_list(option: str, value: str) -> list[int]:
     try:
         numbers = [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
-        raise BenchInputError(f"{option} {value!r}: expected comma-separated integers") from None
+        raise BenchError(f"{option} {value!r}: expected comma-separated integers") from None
     if not numbers or any(n < 1 for n in numbers):
-        raise BenchInputError(f"{option} {value!r}: expected positive integers")
+        raise BenchError(f"{option} {value!r}: expected positive integers")
     return numbers
 
 
@@ -107,21 +103,21 @@ def bench(
     batch_list = _int_list("--batch-sizes", batch_sizes)
     thread_list = _int_list("--threads", threads) if threads else None
     if rounds is not None and rounds < 1:
-        raise BenchInputError("--rounds must be >= 1")
+        raise BenchError("--rounds must be >= 1")
     if micro_batch is not None and micro_batch < 1:
-        raise BenchInputError("--micro-batch must be >= 1")
+        raise BenchError("--micro-batch must be >= 1")
     images = images if images is not None else _default_images()
     if images is not None and not Path(images).is_dir():
-        raise BenchInputError(f"--images {images}: not a folder")
+        raise BenchError(f"--images {images}: not a folder")
 
     with tempfile.TemporaryDirectory() as tmp:
         if model_dir is None:
             if not quick:
-                raise BenchInputError("give an exported MODEL_DIR (or --quick for a tiny seeded one)")
+                raise BenchError("give an exported MODEL_DIR (or --quick for a tiny seeded one)")
             click.echo(f"--quick: exporting a seeded {QUICK_NETWORK} at {QUICK_SIZE[0]}x{QUICK_SIZE[1]} ...")
             model_dir = _quick_export(Path(tmp))
         if not Path(model_dir).is_dir():
-            raise BenchInputError(f"{model_dir}: not an exported folder")
+            raise BenchError(f"{model_dir}: not an exported folder")
         config = BenchConfig(
             model_dir=Path(model_dir),
             batch_sizes=batch_list,

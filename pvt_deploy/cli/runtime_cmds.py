@@ -19,9 +19,9 @@ import click
 import numpy as np
 
 from pvt_deploy import __version__
-from pvt_deploy.errors import ImageError, ModelDirError
+from pvt_deploy.errors import ImageError, ModelDirError, OutputError
 from pvt_deploy.manifest import read_manifest, sha256_file
-from pvt_deploy.runtime.embed_store import Chunk, EmbedStore, OutputError, atomic_write_bytes
+from pvt_deploy.runtime.embed_store import Chunk, EmbedStore, atomic_write_bytes
 from pvt_deploy.runtime.results import BatchResult
 from pvt_deploy.runtime.runtime import Runtime
 from pvt_deploy.runtime.sessions import DEVICES

@@ -65,7 +65,7 @@ class VerifyResults:
         }
 
 
-def _torch_model(manifest: dict[str, Any], folder: Path, checkpoint: str | Path | None) -> tuple[PVTv2, str]:
+def reference_model(manifest: dict[str, Any], folder: Path, checkpoint: str | Path | None) -> tuple[PVTv2, str]:
     """The PyTorch model the folder was exported from, and a line saying where it came from."""
     eps = float(manifest.get("layer_norm_eps", 1e-6))
     source = manifest.get("source") or {}
@@ -150,7 +150,7 @@ def verify_export(
     folder = Path(folder)
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
-    model, origin = _torch_model(manifest, folder, checkpoint)
+    model, origin = reference_model(manifest, folder, checkpoint)
     log(f"PyTorch reference: {origin}")
     files = _image_files(images)  # type: ignore[arg-type]
     sets = _input_sets(manifest, files)

@@ -2,8 +2,8 @@
 
 ``from pvt_deploy import Runtime`` (or ``from pvt_deploy.runtime import Runtime``). Nothing here imports torch."""
 
+from pvt_deploy.errors import DeviceError
 from pvt_deploy.runtime.results import BatchResult, ItemError
 from pvt_deploy.runtime.runtime import DEFAULT_BATCH_SIZE, Runtime
-from pvt_deploy.runtime.sessions import DeviceError
 
 __all__ = ["DEFAULT_BATCH_SIZE", "BatchResult", "DeviceError", "ItemError", "Runtime"]

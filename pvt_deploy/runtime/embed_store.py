@@ -25,19 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from pvt_deploy.errors import PvtDeployError
+from pvt_deploy.errors import OutputError
 
 PLAN_NAME = "plan.json"
 EMBEDDINGS_NAME = "embeddings.npy"
 PATHS_NAME = "paths.txt"
 ERRORS_NAME = "errors.json"
 RUN_NAME = "run.json"
-
-
-class OutputError(PvtDeployError):
-    """The output location is in a state the command will not overwrite or cannot use (exit code 1)."""
-
-    exit_code = 1
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

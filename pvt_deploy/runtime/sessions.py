@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from pvt_deploy.errors import ModelDirError, PvtDeployError
+from pvt_deploy.errors import DeviceError, ModelDirError
 from pvt_deploy.manifest import sha256_file
 
 logger = logging.getLogger("pvt_deploy.runtime")
@@ -37,12 +37,6 @@ CPU_PROVIDER = "CPUExecutionProvider"
 
 _fallback_warned = False
 _fallback_lock = threading.Lock()
-
-
-class DeviceError(PvtDeployError):
-    """``device="cuda"`` was asked for but onnxruntime cannot run on a CUDA device here."""
-
-    exit_code = 10
 
 
 def _nvidia_device_present() -> bool:
