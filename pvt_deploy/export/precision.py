@@ -6,6 +6,8 @@ measured (and why each choice below was kept) is in docs/speed.md.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -331,16 +333,32 @@ def _calibration_reader(input_name: str, batches: list[np.ndarray]) -> Any:
     return _Reader()
 
 
+@contextlib.contextmanager
+def _quantizer_input(fp32_path: Path) -> Iterator[tuple[onnx.ModelProto, Path, list[str]]]:
+    """The fp32 graph staged as one self-contained file for onnxruntime's quantizer, and the nodes kept float.
+
+    The quantizer logs advice ("consider pre-processing") on the root logger for every graph; it is not actionable
+    for our graphs, so the root logger is held at ERROR while it runs instead of printing it to users."""
+    model = onnx.load(str(fp32_path))
+    excluded = float_nodes_for_int8(model)
+    root = logging.getLogger()
+    level = root.level
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "fp32.onnx"
+        onnx.save(model, str(staged))
+        root.setLevel(logging.ERROR)
+        try:
+            yield model, staged, excluded
+        finally:
+            root.setLevel(level)
+
+
 def _quantize_static(fp32_path: Path, out_path: Path, batches: list[np.ndarray]) -> dict[str, Any]:
     """Static QDQ, per-channel int8 weights and uint8 activations (MLAS's U8S8 path), MinMax-calibrated."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    model = onnx.load(str(fp32_path))
-    excluded = float_nodes_for_int8(model)
-    input_name = model.graph.input[0].name
-    with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / "fp32.onnx"
-        onnx.save(model, str(staged))
+    with _quantizer_input(fp32_path) as (model, staged, excluded):
+        input_name = model.graph.input[0].name
         try:
             quantize_static(
                 str(staged),
@@ -374,11 +392,7 @@ def _quantize_dynamic(fp32_path: Path, out_path: Path) -> dict[str, Any]:
     """No calibration set: int8 weights, activations quantized per call (MatMul only; ConvInteger is slow)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = onnx.load(str(fp32_path))
-    excluded = float_nodes_for_int8(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / "fp32.onnx"
-        onnx.save(model, str(staged))
+    with _quantizer_input(fp32_path) as (_, staged, excluded):
         try:
             quantize_dynamic(
                 str(staged),
