@@ -126,7 +126,10 @@ def _read_pt(path: Path, map_location: str | torch.device) -> dict[str, Any]:
             ) from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (not a weights-only pickle: {reason})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, KeyError):  # the pickle machinery's lookup of an unknown opcode byte, e.g. KeyError(105)
+            reason = "not pickle data"
+        else:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({reason})") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: not a birder checkpoint (top level is {type(payload).__name__}, not a dict)")

@@ -11,14 +11,13 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
-from pvt_deploy.errors import ImageError, ModelDirError
+from pvt_deploy.errors import DeviceError, ImageError, ModelDirError
 from pvt_deploy.manifest import GRAPH_OUTPUTS, MetadataKey, read_manifest, verify_files
 from pvt_deploy.runtime.inputs import PreprocessSpec, describe, iter_items, prepare
 from pvt_deploy.runtime.results import ON_ERROR_CHOICES, BatchResult, ItemError
 from pvt_deploy.runtime.sessions import (
     CUDA_PROVIDER,
     DEVICES,
-    DeviceError,
     GraphSession,
     SessionConfig,
     create_session,
