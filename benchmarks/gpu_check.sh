@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One script for a session that has a CUDA GPU: the GPU parity tests, then the CUDA bench of b2 at 384.
+# One script for a session that has a CUDA GPU: the GPU parity tests, the CUDA bench of b2 at 384, and IO
+# binding against plain run.
 # Usage (from the repository root): bash benchmarks/gpu_check.sh [OUT_DIR]
 # Needs an environment with pvt-deploy[export] installed and onnxruntime-gpu with working CUDA (and TensorRT
 # libraries for the TensorRT rows; they are skipped with a reason otherwise). Budget: ~8 min on one H100.
@@ -21,3 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 card="$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 | head -n1 | tr ' ' '-')"
 "$pvt" bench "$export_dir" --device cuda --batch-sizes 1,8,32 --no-compile --budget 240 \
     --out "$out_dir/bench-b2-384-cuda-${card}.json"
+
+# 3. IO binding against plain run on the same card, fp32 and fp16 (issue 4), outputs checked equal
+"$python" benchmarks/runtime_iobinding.py "$export_dir" --precision fp32 --out "$out_dir/runtime_iobinding-fp32-${card}.json"
+"$python" benchmarks/runtime_iobinding.py "$export_dir" --precision fp16 --out "$out_dir/runtime_iobinding-fp16-${card}.json"
