@@ -25,7 +25,7 @@ from pvt_deploy.train.augment import AugmentConfig
 from pvt_deploy.train.data import ImageFolder, ViewsDataset
 from pvt_deploy.train.distributed import DistEnv, wrap_ddp
 from pvt_deploy.train.loop import LoopConfig, TrainTask, run_loop
-from pvt_deploy.train.pretrain import check_same_run
+from pvt_deploy.train.pretrain import resume_states
 
 
 @dataclass
@@ -106,11 +106,7 @@ def train_finetune(
 
     start_step, states = 0, None
     if resume:
-        start_step = ckpt.latest_step(out_dir, name) or 0
-        if start_step == 0:
-            raise TrainingError(f"--resume: no {name}_<step>.pt with its _states.pt in {out_dir}")
-        states = ckpt.load_states(ckpt.step_path(out_dir, name, start_step, states=True))
-        check_same_run(states.get("run", {}), description)
+        start_step, states = resume_states(out_dir, name, description)
         resumed = load_checkpoint(ckpt.step_path(out_dir, name, start_step), layer_norm_eps=config.layer_norm_eps)
         model.load_state_dict(resumed.model.state_dict(), strict=True)
         echo(f"resuming {name} from step {start_step}")

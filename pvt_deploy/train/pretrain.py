@@ -133,12 +133,18 @@ def train_mmcr(
     return run_loop(task, loop, env, out_dir, start_step=start_step, resume_states=states, echo=echo)
 
 
-def _resume(out_dir: Path, run_name: str, net: MMCR, description: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def resume_states(out_dir: Path, run_name: str, description: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """The newest saved step of ``run_name`` in ``out_dir`` and its training states, checked to be the same run."""
     step = ckpt.latest_step(out_dir, run_name)
     if step is None:
         raise TrainingError(f"--resume: no {run_name}_<step>.pt with its _states.pt in {out_dir}")
     states = ckpt.load_states(ckpt.step_path(out_dir, run_name, step, states=True))
     check_same_run(states.get("run", {}), description)
+    return step, states
+
+
+def _resume(out_dir: Path, run_name: str, net: MMCR, description: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    step, states = resume_states(out_dir, run_name, description)
     payload = torch.load(ckpt.step_path(out_dir, run_name, step), map_location="cpu", weights_only=True)
     net.load_state_dict(payload["state"], strict=True)
     return step, states
