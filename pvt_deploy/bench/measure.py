@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 
@@ -81,3 +83,30 @@ class RssSampler:
 def process_peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def nvidia_smi_query(field: str) -> str | None:
+    """One ``nvidia-smi --query-gpu`` field of device 0 (e.g. ``name``, ``memory.used``), or None without a GPU."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.strip().splitlines()
+    return lines[0].strip() if lines and lines[0].strip() else None
+
+
+def gpu_memory_used_mb() -> float | None:
+    """GPU memory in use on device 0 (all processes); None where nvidia-smi cannot say."""
+    used = nvidia_smi_query("memory.used")
+    try:
+        return float(used) if used is not None else None
+    except ValueError:
+        return None

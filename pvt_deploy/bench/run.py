@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 
 from pvt_deploy.bench.flops import flops_per_image
-from pvt_deploy.bench.measure import RssSampler, gemm_gflops, process_peak_rss_mb, summarize
+from pvt_deploy.bench.measure import (
+    RssSampler,
+    gemm_gflops,
+    gpu_memory_used_mb,
+    nvidia_smi_query,
+    process_peak_rss_mb,
+    summarize,
+)
 from pvt_deploy.bench.runners import (
     OrtRuntimeRunner,
     OrtTensorRTRunner,
@@ -328,10 +335,8 @@ def _machine() -> dict[str, Any]:
         "ort_providers": ort.get_available_providers(),
     }
     if cuda_device_present():
-        from pvt_deploy.bench.runners import _nvidia_used_mb
-
-        info["gpu_memory_used_at_start_mb"] = _nvidia_used_mb()
-        info["gpu"] = _gpu_name()
+        info["gpu_memory_used_at_start_mb"] = gpu_memory_used_mb()
+        info["gpu"] = nvidia_smi_query("name")
     return info
 
 
@@ -343,19 +348,3 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def _gpu_name() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from pvt_deploy.bench.measure import gpu_memory_used_mb
 from pvt_deploy.errors import PvtDeployError
 
 
@@ -194,7 +193,7 @@ class OrtRuntimeRunner(Runner):
     def start(self, first_batch: np.ndarray) -> float:
         from pvt_deploy.runtime import Runtime
 
-        self._gpu_baseline_mb = _nvidia_used_mb() if self.device == "cuda" else None
+        self._gpu_baseline_mb = gpu_memory_used_mb() if self.device == "cuda" else None
         begin = time.perf_counter()
         self.runtime = Runtime(
             self.model_dir,
@@ -217,7 +216,7 @@ class OrtRuntimeRunner(Runner):
     def gpu_memory_mb(self) -> float | None:
         if self.device != "cuda" or self._gpu_baseline_mb is None:
             return None
-        used = _nvidia_used_mb()
+        used = gpu_memory_used_mb()
         return None if used is None else used - self._gpu_baseline_mb
 
     def describe(self) -> dict[str, Any]:
@@ -274,23 +273,6 @@ class OrtTensorRTRunner(Runner):
 
     def close(self) -> None:
         self.session = None
-
-
-def _nvidia_used_mb() -> float | None:
-    """GPU memory in use on device 0 (all processes), from nvidia-smi; None where it is not available."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-        return float(out.strip().splitlines()[0])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return None
 
 
 def cuda_device_present() -> bool:
