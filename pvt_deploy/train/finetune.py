@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pvt_deploy.errors import CheckpointError, TrainingError
+from pvt_deploy.errors import CheckpointError
 from pvt_deploy.model.checkpoint import load_checkpoint, read_checkpoint_file, save_checkpoint
 from pvt_deploy.model.pvt_v2 import BIRDER_LAYER_NORM_EPS, PVTv2
 from pvt_deploy.train import checkpoints as ckpt
@@ -25,7 +25,7 @@ from pvt_deploy.train.augment import AugmentConfig
 from pvt_deploy.train.data import ImageFolder, ViewsDataset
 from pvt_deploy.train.distributed import DistEnv, wrap_ddp
 from pvt_deploy.train.loop import LoopConfig, TrainTask, run_loop
-from pvt_deploy.train.pretrain import resume_states
+from pvt_deploy.train.pretrain import check_train_size, resume_states
 
 
 @dataclass
@@ -89,8 +89,7 @@ def train_finetune(
     model, init_rgb = load_init(config.init, config.layer_norm_eps)
     rgb_stats = config.rgb_stats or init_rgb
     if config.size is not None:
-        if config.size[0] % 32 or config.size[1] % 32:
-            raise TrainingError(f"--size {config.size[0]}x{config.size[1]} must be a multiple of 32 on both sides")
+        check_train_size(config.size)
         model.size = tuple(config.size)
     size = tuple(model.size)
     new_head(model, len(folder.class_to_idx), loop.seed)

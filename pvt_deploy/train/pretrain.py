@@ -55,8 +55,7 @@ def build_mmcr(config: MMCRConfig, seed: int) -> MMCR:
     """Seeded so every rank (and a resumed run, before loading) starts from identical weights."""
     if config.network not in PVT_V2_CONFIGS:
         raise TrainingError(f"unknown network {config.network!r}; known: {', '.join(sorted(PVT_V2_CONFIGS))}")
-    if config.size[0] % 32 or config.size[1] % 32:
-        raise TrainingError(f"--size {config.size[0]}x{config.size[1]} must be a multiple of 32 on both sides")
+    check_train_size(config.size)
     overrides = {"drop_path_rate": config.drop_path_rate} if config.drop_path_rate is not None else None
     torch.manual_seed(seed)
     backbone = create_model(
@@ -131,6 +130,12 @@ def train_mmcr(
         set_train_mode=net.train,
     )
     return run_loop(task, loop, env, out_dir, start_step=start_step, resume_states=states, echo=echo)
+
+
+def check_train_size(size: tuple[int, int]) -> None:
+    """PVT v2 downsamples by 32; say so as a --size error before any model is built."""
+    if size[0] % 32 or size[1] % 32:
+        raise TrainingError(f"--size {size[0]}x{size[1]} must be a multiple of 32 on both sides")
 
 
 def resume_states(out_dir: Path, run_name: str, description: dict[str, Any]) -> tuple[int, dict[str, Any]]:
