@@ -36,9 +36,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -51,6 +53,22 @@ ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | I
 
 MAX_PIXELS = 89_478_485
 """Pillow's default decompression-bomb limit (~ 0.25 GB of RGBA): larger images are refused with ``ImageError``."""
+
+MAX_FILE_BYTES = 64 * 1024 * 1024
+"""Largest encoded image read (64 MiB; a 50-megapixel JPEG is ~25 MB). Checked before reading; configurable
+(``Runtime(max_image_bytes=...)``, ``Preprocessor.max_file_bytes``), ``None`` for no limit."""
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+"""File name endings treated as images when a folder is walked (compare lower-cased); the one list."""
+
+BIRDER_RGB_STATS: dict[str, list[float]] = {"mean": [0.5191, 0.5306, 0.4877], "std": [0.2316, 0.2304, 0.2588]}
+"""birder's default ``rgb_stats`` ("birder" mode), which its published checkpoints carry."""
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    """A file name with one of ``IMAGE_EXTENSIONS`` (the name only: the file is not opened)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
 
 INTERPOLATION = "bicubic"
 RESIZE_RULE = (
@@ -67,17 +85,31 @@ def resize_spec(center_crop: float = 1.0) -> dict[str, Any]:
     return {"interpolation": INTERPOLATION, "center_crop": float(center_crop), "rule": RESIZE_RULE}
 
 
-def _describe(source: Any) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return f"<{len(source)} bytes>"
-    return getattr(source, "name", None) or f"<{type(source).__name__}>"
+def describe(item: Any) -> str:
+    """A short name for an input, used in per-item errors and CLI output."""
+    if isinstance(item, (str, os.PathLike)):
+        name = os.fspath(item)
+        return name if isinstance(name, str) else repr(name)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return f"<{len(item)} bytes>"
+    if isinstance(item, Image.Image):
+        return f"<PIL image {item.width}x{item.height} {item.mode}>"
+    if isinstance(item, np.ndarray):
+        return f"<array {item.shape} {item.dtype}>"
+    name = getattr(item, "name", None)
+    if isinstance(name, str):
+        return name
+    return f"<{type(item).__name__}>"
+
+
+_describe = describe
 
 
 def _from_array(array: np.ndarray) -> Image.Image:
     if array.dtype != np.uint8:
         raise ImageError(f"array images must be uint8, got {array.dtype}")
+    if array.ndim in (2, 3) and (array.shape[0] == 0 or array.shape[1] == 0):
+        raise ImageError(f"empty image (array of shape {array.shape})")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim == 2:
@@ -90,9 +122,9 @@ def _from_array(array: np.ndarray) -> Image.Image:
 def _warning_filter(action: str, category: type[Warning]) -> contextlib.AbstractContextManager:
     """A scoped warnings filter, in the main thread only.
 
-    ``warnings.catch_warnings`` swaps process-wide state and is not thread-safe before Python 3.14; worker threads
-    (the runtime decodes in a pool) skip it. Nothing depends on it for correctness: ``max_pixels`` is checked
-    explicitly, and Pillow raises ``DecompressionBombError`` itself above twice its limit."""
+    ``warnings.catch_warnings`` swaps process-wide state and is not thread-safe before Python 3.14, so calls from
+    other threads (e.g. a service's request threads) skip it. Nothing depends on it for correctness: ``max_pixels``
+    is checked explicitly, and Pillow raises ``DecompressionBombError`` itself above twice its limit."""
     if threading.current_thread() is not threading.main_thread():
         return contextlib.nullcontext()
     manager = warnings.catch_warnings()
@@ -129,40 +161,86 @@ def _decode(handle: IO[bytes], name: str, max_pixels: int | None) -> Image.Image
     return image
 
 
-def load_image(source: ImageSource, *, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+def _check_pixels(image: Image.Image, name: str) -> Image.Image:
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"{name}: empty image ({image.width}x{image.height} pixels)")
+    return image
+
+
+def _read_regular_file(path: Path, max_bytes: int | None) -> bytes:
+    """The bytes of a regular file, never more than ``max_bytes``. The file is opened non-blocking and checked on
+    the open descriptor, so a FIFO never hangs, ``/dev/zero`` is never read, and a file swapped after a check is
+    still caught."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a folder, expected an image file") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageError(f"{path}: is a folder, expected an image file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"{path}: not a regular file")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise ImageError(f"{path}: {info.st_size} bytes exceeds the image file limit of {max_bytes} bytes")
+        chunks = []
+        remaining = None if max_bytes is None else max_bytes + 1
+        while remaining is None or remaining > 0:
+            chunk = os.read(fd, 1 << 20 if remaining is None else min(1 << 20, remaining))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+        data = b"".join(chunks)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    if max_bytes is not None and len(data) > max_bytes:  # grew after the check
+        raise ImageError(f"{path}: more than the image file limit of {max_bytes} bytes")
+    if not data:
+        raise ImageError(f"{path}: empty file (0 bytes)")
+    return data
+
+
+def load_image(
+    source: ImageSource, *, max_pixels: int | None = MAX_PIXELS, max_file_bytes: int | None = MAX_FILE_BYTES
+) -> Image.Image:
     """Decode one image from a path, bytes, a binary file object, a PIL image or a uint8 array.
 
-    The image keeps its own mode (see ``to_rgb``); every failure is one ``ImageError`` line naming the input."""
+    Paths must be regular files (a FIFO, a device or a socket is refused before any read) no larger than
+    ``max_file_bytes``. An image with no pixels is refused. The image keeps its own mode (see ``to_rgb``); every
+    failure is one ``ImageError`` line naming the input."""
     if isinstance(source, Image.Image):
-        return source
+        return _check_pixels(source, _describe(source))
     if isinstance(source, np.ndarray):
         return _from_array(source)
     name = _describe(source)
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise ImageError(f"{path}: no such file")
-        if path.is_dir():
-            raise ImageError(f"{path}: is a folder, expected an image file")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
-        if not data:
-            raise ImageError(f"{path}: empty file (0 bytes)")
-        return _decode(io.BytesIO(data), name, max_pixels)
+        data = _read_regular_file(Path(source), max_file_bytes)
+        return _check_pixels(_decode(io.BytesIO(data), name, max_pixels), name)
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageError("empty image data (0 bytes)")
-        return _decode(io.BytesIO(bytes(source)), name, max_pixels)
+        if max_file_bytes is not None and len(source) > max_file_bytes:
+            raise ImageError(f"{name}: exceeds the image file limit of {max_file_bytes} bytes")
+        return _check_pixels(_decode(io.BytesIO(bytes(source)), name, max_pixels), name)
     if hasattr(source, "read"):
         try:
-            data = source.read()  # read fully: works for pipes and sockets too, and closes nothing of the caller's
+            # read fully (pipes and sockets too), closing nothing of the caller's; at most one byte over the limit
+            data = source.read() if max_file_bytes is None else source.read(max_file_bytes + 1)
         except OSError as exc:
             raise ImageError(f"{name}: cannot read ({exc})") from None
         if not data:
             raise ImageError(f"{name}: empty image data (0 bytes)")
-        return _decode(io.BytesIO(data), name, max_pixels)
+        if max_file_bytes is not None and len(data) > max_file_bytes:
+            raise ImageError(f"{name}: exceeds the image file limit of {max_file_bytes} bytes")
+        return _check_pixels(_decode(io.BytesIO(data), name, max_pixels), name)
     raise ImageError(f"unsupported image input type {type(source).__name__}")
 
 
@@ -234,6 +312,127 @@ def to_array(image: Image.Image, rgb_stats: dict[str, Sequence[float]]) -> np.nd
     return (chw - mean) / std
 
 
+_SINGLE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)
+
+
+def _is_single(images: Any) -> bool:
+    if isinstance(images, np.ndarray):
+        return images.ndim in (2, 3)
+    return isinstance(images, _SINGLE_TYPES) or hasattr(images, "read")
+
+
+def iter_items(images: Any) -> Iterator[Any]:
+    """One image or many -> items. A 4-D array is a batch: one item per row (NCHW float32 preprocessed rows, or
+    NHWC uint8 images). Iterables are consumed lazily, so a generator of a million paths stays cheap."""
+    if _is_single(images):
+        yield images
+        return
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4:
+            yield images  # rejected with a clear message by Preprocessor
+            return
+        yield from images  # rows keep their dtype; each is validated on its own
+        return
+    if isinstance(images, dict) or not isinstance(images, Iterable):
+        raise ImageError(f"unsupported images argument of type {type(images).__name__}")
+    for item in images:
+        if isinstance(item, np.ndarray) and item.ndim == 4 and item.shape[0] == 1:
+            item = item[0]
+        yield item
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """The one preprocessing pipeline: any accepted input -> the model's (3, H, W) float32 row.
+
+    Built from the model's preprocessing spec (``Preprocessor.from_input_spec(manifest.input)``) and used by the
+    runtime, ``verify``, int8 calibration and bench, so they all feed the graphs the same tensors. Accepts a path,
+    bytes, a binary file object, a PIL image (any mode), an HxW / HxWx1 / HxWx3 / HxWx4 uint8 array, or an already
+    preprocessed (3, H, W) float32 row (validated, passed through)."""
+
+    size: tuple[int, int]
+    rgb_stats: dict[str, list[float]] = field(default_factory=lambda: {k: list(v) for k, v in BIRDER_RGB_STATS.items()})
+    center_crop: float = 1.0
+    apply_exif: bool = False
+    dynamic_size: bool = False
+    background: tuple[int, int, int] | None = None
+    max_file_bytes: int | None = MAX_FILE_BYTES
+    max_pixels: int | None = MAX_PIXELS
+
+    @classmethod
+    def from_input_spec(cls, spec: Any, **overrides: Any) -> Preprocessor:
+        """From a ``pvt_deploy.manifest.InputSpec`` (``manifest.input``)."""
+        values: dict[str, Any] = {
+            "size": tuple(spec.size),
+            "rgb_stats": {key: list(values) for key, values in spec.rgb_stats.items()},
+            "center_crop": spec.resize.center_crop,
+            "apply_exif": spec.resize.apply_exif,
+            "dynamic_size": spec.dynamic_size,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def validate_preprocessed(self, array: np.ndarray) -> np.ndarray:
+        """A caller's already-preprocessed (3, H, W) row: float32, the model's size, finite."""
+        if array.dtype != np.float32:
+            raise ImageError(f"preprocessed input must be float32, got {array.dtype} (cast with .astype(np.float32))")
+        if array.ndim != 3 or array.shape[0] != 3:
+            raise ImageError(f"preprocessed input must be NCHW with 3 channels, got a row of shape {array.shape}")
+        height, width = array.shape[1:]
+        if self.dynamic_size:
+            if height % 32 or width % 32 or height < 32 or width < 32:
+                raise ImageError(f"preprocessed input size {height}x{width} must be a positive multiple of 32")
+        elif (height, width) != tuple(self.size):
+            raise ImageError(f"preprocessed input is {height}x{width}, this model takes {self.size[0]}x{self.size[1]}")
+        if not np.isfinite(array).all():
+            raise ImageError("preprocessed input contains NaN or infinite values")
+        return array
+
+    def __call__(self, item: Any) -> np.ndarray:
+        """One item -> (3, H, W) float32, or ``ImageError`` naming what is wrong with it."""
+        if isinstance(item, np.ndarray):
+            if np.issubdtype(item.dtype, np.floating):
+                if item.ndim != 3:
+                    raise ImageError(f"preprocessed input must be NCHW float32, got shape {item.shape}")
+                return self.validate_preprocessed(item)
+            if item.dtype != np.uint8:
+                raise ImageError(
+                    f"array inputs must be uint8 HxWx3 images or float32 NCHW preprocessed tensors, got {item.dtype}"
+                )
+        elif not (isinstance(item, _SINGLE_TYPES) or hasattr(item, "read")):
+            raise ImageError(f"unsupported image input of type {type(item).__name__}")
+        try:
+            image = load_image(item, max_pixels=self.max_pixels, max_file_bytes=self.max_file_bytes)
+            if self.apply_exif:
+                image = apply_exif_orientation(image)
+            image = to_rgb(image, background=self.background)
+            return to_array(resize_and_crop(image, self.size, self.center_crop), self.rgb_stats)
+        except ImageError:
+            raise
+        except (OSError, ValueError, SyntaxError, EOFError, io.UnsupportedOperation) as exc:
+            # lazily decoded PIL images passed in by the caller can fail here (truncated data, closed file)
+            raise ImageError(f"cannot decode image ({str(exc).strip() or type(exc).__name__})") from None
+
+    def batch(self, images: Any) -> np.ndarray:
+        """One image or many -> (N, 3, H, W) float32; the first bad input raises ``ImageError`` naming its index."""
+        rows = []
+        for index, item in enumerate(iter_items(images)):
+            try:
+                rows.append(self(item))
+            except ImageError as exc:
+                raise ImageError(item_error_message(index, describe(item), str(exc))) from None
+        if not rows:
+            return np.empty((0, 3, *self.size), dtype=np.float32)
+        return np.stack(rows)
+
+
+def item_error_message(index: int, source: str, message: str) -> str:
+    """``image 3 (a.jpg): truncated image``: the input's index and name said once."""
+    if message.startswith(source):
+        return f"image {index}: {message}"
+    return f"image {index} ({source}): {message}"
+
+
 def preprocess_one(
     source: ImageSource,
     size: int | Sequence[int],
@@ -244,17 +443,14 @@ def preprocess_one(
     background: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """One image -> (3, H, W) float32."""
-    image = load_image(source)
-    if apply_exif:
-        image = apply_exif_orientation(image)
-    image = to_rgb(image, background=background)
-    return to_array(resize_and_crop(image, size, center_crop), rgb_stats)
-
-
-def _is_single(images: Any) -> bool:
-    if isinstance(images, np.ndarray):
-        return images.ndim in (2, 3)
-    return isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or hasattr(images, "read")
+    pipeline = Preprocessor(
+        _normalize_size(size),
+        {key: list(values) for key, values in rgb_stats.items()},
+        center_crop=center_crop,
+        apply_exif=apply_exif,
+        background=background,
+    )
+    return pipeline(source)
 
 
 def preprocess(
@@ -268,21 +464,30 @@ def preprocess(
 ) -> np.ndarray:
     """One image or many -> (N, 3, H, W) float32, exactly birder's ``inference_preset`` for PIL inputs.
 
-    ``size`` is (H, W) or an int; a 4-D uint8 array is taken as a batch of HxWxC images."""
-    items = [images] if _is_single(images) else list(images)  # type: ignore[arg-type]
-    if not items:
+    ``size`` is (H, W) or an int; a 4-D uint8 array is taken as a batch of HxWxC images. The ``Preprocessor``
+    pipeline underneath is the runtime's."""
+    pipeline = Preprocessor(
+        _normalize_size(size),
+        {key: list(values) for key, values in rgb_stats.items()},
+        center_crop=center_crop,
+        apply_exif=apply_exif,
+        background=background,
+    )
+    batch = pipeline.batch(images)
+    if not len(batch):
         raise ImageError("no images given")
-    height, width = _normalize_size(size)
-    batch = np.empty((len(items), 3, height, width), dtype=np.float32)
-    for index, item in enumerate(items):
-        batch[index] = preprocess_one(
-            item, (height, width), rgb_stats, center_crop=center_crop, apply_exif=apply_exif, background=background
-        )
     return batch
 
 
 __all__ = [
+    "BIRDER_RGB_STATS",
+    "IMAGE_EXTENSIONS",
+    "MAX_FILE_BYTES",
     "MAX_PIXELS",
+    "Preprocessor",
+    "describe",
+    "is_image_file",
+    "iter_items",
     "RESIZE_RULE",
     "apply_exif_orientation",
     "load_image",

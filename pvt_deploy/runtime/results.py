@@ -9,6 +9,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from pvt_deploy.errors import ImageError
+from pvt_deploy.preprocess import item_error_message
 
 T = TypeVar("T")
 
@@ -27,7 +28,7 @@ class ItemError:
         return self.message if self.message.startswith(self.source) else f"{self.source}: {self.message}"
 
     def to_exception(self) -> ImageError:
-        return ImageError(f"image {self.index} ({self.source}): {self.message}")
+        return ImageError(item_error_message(self.index, self.source, self.message))
 
 
 @dataclass

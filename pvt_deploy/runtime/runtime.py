@@ -5,22 +5,25 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
 import numpy as np
 
 from pvt_deploy.errors import DeviceError, ImageError, ModelDirError
-from pvt_deploy.manifest import GRAPH_OUTPUTS, MetadataKey, read_manifest, verify_files
-from pvt_deploy.runtime.inputs import PreprocessSpec, describe, iter_items, prepare
+from pvt_deploy.manifest import MANIFEST_NAME, GraphEntry, Manifest, MetadataKey, TensorSpec, load_manifest
+from pvt_deploy.preprocess import MAX_FILE_BYTES, Preprocessor, describe, iter_items
+from pvt_deploy.runtime.graph_files import external_data_locations
 from pvt_deploy.runtime.results import ON_ERROR_CHOICES, BatchResult, ItemError
 from pvt_deploy.runtime.sessions import (
-    CUDA_PROVIDER,
     DEVICES,
+    GPU_PROVIDERS,
     GraphSession,
-    SessionConfig,
+    ProviderEntry,
     create_session,
+    normalize_providers,
+    provider_name,
     requested_providers,
     warn_cpu_fallback,
 )
@@ -31,7 +34,7 @@ dev machine, batch 1 was the cheapest per image (batch 8: +13..19% with 1 thread
 and it has the lowest latency and memory."""
 
 DEFAULT_CUDA_BATCH_SIZE = 16
-"""On a GPU larger batches amortise launch overhead; unmeasured this session (no GPU), a conservative choice."""
+"""On a GPU larger batches amortise launch overhead; not measured on a GPU yet, a conservative choice."""
 
 OnError = Literal["raise", "collect"]
 Raise = Literal["raise"]
@@ -63,75 +66,103 @@ class Runtime:
         threads: int | None = None,
         batch_size: int | None = None,
         *,
+        providers: Sequence[ProviderEntry] | None = None,
+        exif_transpose: bool = False,
+        max_image_bytes: int | None = MAX_FILE_BYTES,
+        cache_dir: str | os.PathLike[str] | Literal[False] | None = None,
         cache_optimized: bool = True,
     ) -> None:
+        """``providers``: onnxruntime execution providers to use as given (names or (name, options) pairs), e.g.
+        ``["OpenVINOExecutionProvider", "CPUExecutionProvider"]``; overrides ``device``. ``exif_transpose``: rotate
+        images per their EXIF Orientation first (birder does not). ``max_image_bytes``: the largest image file
+        read (``None``: no limit). ``cache_dir`` / ``cache_optimized`` are accepted for compatibility and do nothing:
+        there is no optimized-graph cache any more (it did not pay for itself, docs/runtime.md)."""
         self.model_dir = Path(model_dir)
-        self.manifest = read_manifest(self.model_dir)
+        self.manifest: Manifest = load_manifest(self.model_dir)
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         if threads is not None and int(threads) < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_image_bytes is not None and int(max_image_bytes) < 1:
+            raise ValueError(f"max_image_bytes must be >= 1 or None, got {max_image_bytes}")
         self.device = device
         self.precision = precision
         self.threads = threads
-        graphs = self.manifest.get("graphs") or {}
-        if not graphs:
-            raise ModelDirError(f"{self.model_dir}: the manifest lists no graphs")
-        if not any(precision in variants for variants in graphs.values()):
+        if precision not in self.manifest.precisions:
             raise ModelDirError(
                 f"{self.model_dir}: no graph exported at precision {precision!r}; available: "
                 f"{', '.join(self.precisions)}"
             )
-        self._providers = requested_providers(device)
+        self._providers = normalize_providers(providers) if providers is not None else requested_providers(device)
+        self._custom_providers = providers is not None
         self._requested_batch_size = int(batch_size) if batch_size is not None else None
-        self._cache_optimized = cache_optimized
-        self.spec = _spec_from_manifest(self.model_dir, self.manifest)
+        self.spec = Preprocessor.from_input_spec(
+            self.manifest.input,
+            apply_exif=self.manifest.input.resize.apply_exif or exif_transpose,
+            max_file_bytes=max_image_bytes,
+        )
+        self.exif_transpose = self.spec.apply_exif
         self._sessions: dict[str, GraphSession] = {}
         self._verified: set[str] = set()
         self._lock = threading.Lock()
-        self._labels: list[str] | None = None
 
     # ----- description -------------------------------------------------------------------------------------------
 
     @property
     def precisions(self) -> list[str]:
-        """Precisions exported for every graph of this folder."""
-        graphs = self.manifest.get("graphs") or {}
-        found: list[str] = []
-        for variants in graphs.values():
-            for name in variants:
-                if name not in found:
-                    found.append(name)
-        return found
+        """Precisions exported for some graph of this folder."""
+        return self.manifest.precisions
 
     @property
     def graphs(self) -> list[str]:
         """Graphs available at this Runtime's precision."""
-        return [g for g, variants in (self.manifest.get("graphs") or {}).items() if self.precision in variants]
+        return [g for g, variants in self.manifest.graphs.items() if self.precision in variants]
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers asked for, in order (loaded sessions may have fallen back; see ``active_device``)."""
+        return [provider_name(p) for p in self._providers]
 
     @property
     def batch_size(self) -> int:
         if self._requested_batch_size is not None:
             return self._requested_batch_size
-        return DEFAULT_CUDA_BATCH_SIZE if self._providers[0] == CUDA_PROVIDER else DEFAULT_BATCH_SIZE
+        return DEFAULT_CUDA_BATCH_SIZE if provider_name(self._providers[0]) in GPU_PROVIDERS else DEFAULT_BATCH_SIZE
 
     @property
     def labels(self) -> list[str]:
-        """Class names in index order (the manifest's copy, else the classify graph's own metadata)."""
-        if self._labels is not None:
-            return list(self._labels)
-        labels = self.manifest.get("labels")
-        if isinstance(labels, list):
-            self._labels = [str(label) for label in labels]
-            return self._labels
+        """Class names in index order (the manifest's, which each graph's own metadata must agree with)."""
+        if self.manifest.labels is not None:
+            return list(self.manifest.labels)
         graph = "classify" if "classify" in self.graphs else self.graphs[0]
         raw = self._session(graph).metadata.get(MetadataKey.LABELS)
         if raw is None:
             raise ModelDirError(f"{self.model_dir}: no labels in the manifest or the {graph} graph's metadata")
-        self._labels = [str(label) for label in json.loads(raw)]
-        return self._labels
+        try:
+            return [str(label) for label in json.loads(raw)]
+        except (ValueError, TypeError):
+            raise ModelDirError(f"{self.model_dir}: the {graph} graph's labels metadata is not a JSON list") from None
+
+    def graph_entry(self, graph: str) -> GraphEntry:
+        """The manifest's entry (file, inputs, outputs) of ``graph`` at this Runtime's precision."""
+        return self.manifest.entry(graph, self.precision)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``info`` and services show about a loaded folder (no onnxruntime objects)."""
+        return {
+            "model_dir": str(self.model_dir),
+            "model_name": self.manifest.model_name,
+            "precision": self.precision,
+            "device": self.active_device,
+            "providers": self.providers,
+            "graphs": {
+                graph: {"file": entry.file, "outputs": list(entry.output_names)}
+                for graph in self.graphs
+                for entry in [self.graph_entry(graph)]
+            },
+        }
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -139,12 +170,13 @@ class Runtime:
         with self._lock:
             loaded = dict(self._sessions)
         return {
-            "manifest": self.manifest,
+            "manifest": self.manifest.raw,
             "preprocess": {
                 "size": list(self.spec.size),
                 "rgb_stats": self.spec.rgb_stats,
                 "center_crop": self.spec.center_crop,
                 "apply_exif": self.spec.apply_exif,
+                "exif_transpose": self.spec.apply_exif,
                 "dynamic_size": self.spec.dynamic_size,
             },
             "graphs": {name: _parse_metadata(session.metadata) for name, session in loaded.items()},
@@ -160,7 +192,7 @@ class Runtime:
             sessions = list(self._sessions.values())
         if sessions:
             return "cuda" if sessions[0].on_cuda else "cpu"
-        return "cuda" if self._providers[0] == CUDA_PROVIDER else "cpu"
+        return "cuda" if provider_name(self._providers[0]) in GPU_PROVIDERS else "cpu"
 
     def load(self, graphs: Iterable[str] | None = None) -> Runtime:
         """Create sessions now (service warm-up) instead of on first use."""
@@ -176,12 +208,7 @@ class Runtime:
 
     def preprocess(self, images: Images) -> np.ndarray:
         """The model input tensor (N, 3, H, W) float32 for ``images``; raises ``ImageError`` on a bad one."""
-        rows = []
-        for index, item in enumerate(iter_items(images)):
-            rows.append(_prepare_or_raise(index, item, self.spec))
-        if not rows:
-            return np.empty((0, 3, *self.spec.size), dtype=np.float32)
-        return np.stack(rows)
+        return self.spec.batch(images)
 
     @overload
     def classify(
@@ -233,8 +260,7 @@ class Runtime:
 
     def embed(self, images: Images, *, on_error: OnError = "raise") -> np.ndarray | BatchResult[Any]:
         """(N, D) float32 embeddings (D = 512 for b2): the ``embed`` graph, else the classify graph's output."""
-        graph = "embed" if "embed" in self.graphs else "classify"
-        result = self._run(graph, ("embedding",), images, on_error)
+        result = self._run(self.embedding_graph, ("embedding",), images, on_error)
         return self._finish(result, result.value["embedding"], on_error)
 
     @overload
@@ -243,9 +269,15 @@ class Runtime:
     def features(self, images: Images, *, on_error: Collect) -> BatchResult[Any]: ...
 
     def features(self, images: Images, *, on_error: OnError = "raise") -> dict[str, np.ndarray] | BatchResult[Any]:
-        """``{"stage1": ..., "stage4": ...}`` float32 NCHW feature maps."""
-        result = self._run("features", GRAPH_OUTPUTS["features"], images, on_error)
+        """``{"stage1": ..., "stage4": ...}`` float32 NCHW feature maps: every output the manifest lists for the
+        features graph, in its order."""
+        result = self._run("features", self.graph_entry("features").output_names, images, on_error)
         return self._finish(result, dict(result.value), on_error)
+
+    @property
+    def embedding_graph(self) -> str:
+        """The graph ``embed`` runs: ``embed`` when exported, else ``classify`` (its ``embedding`` output)."""
+        return "embed" if "embed" in self.graphs else "classify"
 
     # ----- internals ----------------------------------------------------------------------------------------------
 
@@ -267,40 +299,43 @@ class Runtime:
                 self._sessions[graph] = session
         return session
 
-    def _graph_files(self, graph_file: str) -> list[str]:
-        """The graph plus the external-weight files it reads, all of which the manifest checksums."""
-        names = [graph_file]
-        shared = (self.manifest.get("export") or {}).get("shared_weights")
-        if isinstance(shared, dict) and shared.get("file") and graph_file in shared.get("graphs", [graph_file]):
-            names.append(shared["file"])
-        for name in self.manifest.get("files", {}):
-            if name.endswith((".bin", ".data", ".onnx_data")) and name not in names:
-                names.append(name)
+    def _graph_files(self, entry: GraphEntry) -> list[str]:
+        """The graph file plus every external-data file it names, each confined to the folder and listed (so
+        checksummed) in the manifest; read from the graph's own bytes, not trusted from the manifest."""
+        path = self.manifest.path(entry.file)
+        self._verify([entry.file])
+        locations = external_data_locations(path.read_bytes(), str(path))
+        names = [entry.file]
+        for location in sorted(locations):
+            name = _folder_relative(self.model_dir, path.parent, location)
+            if name not in self.manifest.files:
+                raise ModelDirError(
+                    f"{path}: reads external data {location!r}, which {MANIFEST_NAME} does not list with a checksum"
+                )
+            names.append(name)
         return names
 
+    def _verify(self, names: list[str]) -> None:
+        from pvt_deploy.manifest import verify_files
+
+        todo = [name for name in names if name not in self._verified]
+        verify_files(self.model_dir, self.manifest, todo)
+        self._verified.update(todo)
+
     def _create_session(self, graph: str) -> GraphSession:
-        variants = (self.manifest.get("graphs") or {}).get(graph)
-        if not variants:
-            raise ModelDirError(f"{self.model_dir}: this export has no {graph!r} graph")
-        entry = variants.get(self.precision)
-        if entry is None:
-            raise ModelDirError(
-                f"{self.model_dir}: the {graph!r} graph has no {self.precision!r} variant; "
-                f"available: {', '.join(variants)}"
-            )
-        graph_file = entry["file"] if isinstance(entry, dict) else str(entry)
-        to_check = [name for name in self._graph_files(graph_file) if name not in self._verified]
-        verify_files(self.model_dir, self.manifest, to_check)
-        self._verified.update(to_check)
-        record = self.manifest["files"][graph_file]
-        config = SessionConfig(self._providers, self.threads, self._cache_optimized)
-        raw, from_cache = create_session(self.model_dir / graph_file, record["sha256"], config)
-        session = GraphSession(raw, GRAPH_OUTPUTS.get(graph, tuple(o.name for o in raw.get_outputs())), from_cache)
-        if self._providers[0] == CUDA_PROVIDER and not session.on_cuda:
+        entry = self.graph_entry(graph)
+        self._verify(self._graph_files(entry))
+        path = self.manifest.path(entry.file)
+        raw = create_session(path, self._providers, self.threads)
+        session = GraphSession(raw, entry.output_names)
+        gpu_asked = provider_name(self._providers[0]) in GPU_PROVIDERS
+        if gpu_asked and not session.on_cuda:
+            if self._custom_providers:
+                raise DeviceError(f"onnxruntime could not start {provider_name(self._providers[0])}")
             if self.device == "cuda":
                 raise DeviceError("device 'cuda' requested but onnxruntime could not start its CUDA provider")
             warn_cpu_fallback("the CUDA provider failed to load")
-        _check_metadata(self.model_dir / graph_file, session.metadata, self.spec)
+        _check_graph(path, graph, entry, session, self.manifest)
         return session
 
     def _run(self, graph: str, names: tuple[str, ...], images: Images, on_error: OnError) -> BatchResult[Any]:
@@ -308,6 +343,9 @@ class Runtime:
         if on_error not in ON_ERROR_CHOICES:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
         session = self._session(graph)
+        missing = [name for name in names if name not in session.output_names]
+        if missing:
+            raise ModelDirError(f"{self.model_dir}: the manifest's {graph} graph has no {', '.join(missing)} output")
         batch_size = self.batch_size
         sources: list[str] = []
         ok: list[bool] = []
@@ -326,7 +364,7 @@ class Runtime:
             source = describe(item)
             sources.append(source)
             try:
-                row = prepare(item, self.spec)
+                row = self.spec(item)
             except ImageError as exc:
                 error = ItemError(index, source, str(exc))
                 if on_error == "raise":
@@ -347,13 +385,6 @@ class Runtime:
         return BatchResult(value=values, ok=mask, sources=sources, errors=errors)
 
 
-def _prepare_or_raise(index: int, item: Any, spec: PreprocessSpec) -> np.ndarray:
-    try:
-        return prepare(item, spec)
-    except ImageError as exc:
-        raise ItemError(index, describe(item), str(exc)).to_exception() from None
-
-
 def _scatter(chunks: list[np.ndarray], mask: np.ndarray, session: GraphSession, name: str) -> np.ndarray:
     """Good rows back into input order; rows of failed inputs are NaN."""
     if chunks and mask.all() and len(chunks) == 1:
@@ -363,7 +394,7 @@ def _scatter(chunks: list[np.ndarray], mask: np.ndarray, session: GraphSession, 
         row_shape = good.shape[1:]
     else:
         good = None
-        row_shape = _static_row_shape(session, name)
+        row_shape = session.output_row_shape(name)
     if mask.all() and good is not None:
         return good
     full = np.full((mask.size, *row_shape), np.nan, dtype=np.float32)
@@ -372,36 +403,12 @@ def _scatter(chunks: list[np.ndarray], mask: np.ndarray, session: GraphSession, 
     return full
 
 
-def _static_row_shape(session: GraphSession, name: str) -> tuple[int, ...]:
-    for output in session.session.get_outputs():
-        if output.name == name:
-            return tuple(dim if isinstance(dim, int) else 0 for dim in output.shape[1:])
-    return ()
-
-
-def _spec_from_manifest(model_dir: Path, manifest: dict[str, Any]) -> PreprocessSpec:
-    section = manifest.get("input") or {}
-    try:
-        size = tuple(int(v) for v in section["size"])
-        stats = section["rgb_stats"]
-        rgb_stats = {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]}
-    except (KeyError, TypeError, ValueError):
-        raise ModelDirError(f"{model_dir}: the manifest's input section lacks size or rgb_stats") from None
-    if len(size) != 2:
-        raise ModelDirError(f"{model_dir}: the manifest's input size must be [height, width], got {list(size)}")
-    resize = section.get("resize") or {}
-    if isinstance(resize, str):
-        resize = json.loads(resize)
-    interpolation = resize.get("interpolation", "bicubic")
-    if interpolation != "bicubic":
-        raise ModelDirError(f"{model_dir}: unsupported resize interpolation {interpolation!r} (expected bicubic)")
-    return PreprocessSpec(
-        size=(size[0], size[1]),
-        rgb_stats=rgb_stats,
-        center_crop=float(resize.get("center_crop", 1.0)),
-        apply_exif=bool(resize.get("apply_exif", False)),
-        dynamic_size=bool(section.get("dynamic_size", False)),
-    )
+def _folder_relative(model_dir: Path, graph_dir: Path, location: str) -> str:
+    """An external-data location (relative to the graph file) as a manifest name, if it stays in the folder."""
+    if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+        raise ModelDirError(f"{model_dir}: a graph reads external data at {location!r}, outside the model folder")
+    relative = (graph_dir / location).relative_to(model_dir)
+    return relative.as_posix()
 
 
 def _parse_metadata(raw: dict[str, str]) -> dict[str, Any]:
@@ -414,15 +421,63 @@ def _parse_metadata(raw: dict[str, str]) -> dict[str, Any]:
     return parsed
 
 
-def _check_metadata(path: Path, metadata: dict[str, str], spec: PreprocessSpec) -> None:
-    """The graph's own metadata must describe the same preprocessing the manifest does."""
+def _dims_agree(graph_shape: list[Any], expected: tuple[int | str, ...]) -> bool:
+    if not expected:  # the manifest promised no shape
+        return True
+    if len(graph_shape) != len(expected):
+        return False
+    for got, want in zip(graph_shape, expected, strict=True):
+        if isinstance(want, int) != isinstance(got, int) or (isinstance(want, int) and got != want):
+            return False
+    return True
+
+
+def _check_tensors(path: Path, kind: str, found: list[dict[str, Any]], expected: tuple[TensorSpec, ...]) -> None:
+    by_name = {value["name"]: value for value in found}
+    if set(by_name) != {spec.name for spec in expected}:
+        raise ModelDirError(
+            f"{path}: its {kind}s {sorted(by_name)} differ from the manifest's {sorted(s.name for s in expected)}"
+        )
+    for spec in expected:
+        value = by_name[spec.name]
+        if value["dtype"] != spec.dtype or not _dims_agree(value["shape"], spec.shape):
+            shape = "x".join(str(d) for d in value["shape"])
+            want = "x".join(str(d) for d in spec.shape)
+            raise ModelDirError(
+                f"{path}: {kind} {spec.name!r} is {value['dtype']} [{shape}], the manifest says {spec.dtype} [{want}]"
+            )
+
+
+def _check_graph(path: Path, graph: str, entry: GraphEntry, session: GraphSession, manifest: Manifest) -> None:
+    """The loaded graph must be the one the manifest describes: same inputs and outputs (names, dtypes, static
+    dims) and pvt-deploy metadata that agrees with the manifest (graph, precision, preprocessing, labels)."""
+    _check_tensors(path, "input", session.inputs, entry.inputs)
+    if session.inputs[0]["name"] != manifest.input.name:
+        raise ModelDirError(
+            f"{path}: its input is {session.inputs[0]['name']!r}, the manifest says {manifest.input.name!r}"
+        )
+    _check_tensors(path, "output", session.outputs, entry.outputs)
+    metadata = session.metadata
+    missing = [key for key in (MetadataKey.GRAPH, MetadataKey.INPUT_SIZE, MetadataKey.RGB_STATS) if key not in metadata]
+    if missing:
+        raise ModelDirError(f"{path}: not a pvt-deploy graph (no {', '.join(missing)} metadata)")
+    if metadata[MetadataKey.GRAPH] != graph:
+        raise ModelDirError(f"{path}: holds the {metadata[MetadataKey.GRAPH]!r} graph, the manifest says {graph!r}")
+    recorded_precision = metadata.get(MetadataKey.PRECISION)
+    if recorded_precision is not None and recorded_precision != entry.precision:
+        raise ModelDirError(f"{path}: is a {recorded_precision} graph, the manifest says {entry.precision}")
+    spec = manifest.input
     try:
-        if MetadataKey.INPUT_SIZE in metadata and tuple(json.loads(metadata[MetadataKey.INPUT_SIZE])) != spec.size:
-            raise ModelDirError(f"{path}: its input_size metadata disagrees with the manifest ({spec.size})")
-        if MetadataKey.RGB_STATS in metadata:
-            stats = json.loads(metadata[MetadataKey.RGB_STATS])
-            for key in ("mean", "std"):
-                if not np.allclose(stats[key], spec.rgb_stats[key], rtol=0, atol=1e-7):
-                    raise ModelDirError(f"{path}: its rgb_stats metadata disagrees with the manifest")
+        if tuple(json.loads(metadata[MetadataKey.INPUT_SIZE])) != spec.size:
+            raise ModelDirError(f"{path}: its input_size metadata disagrees with the manifest ({list(spec.size)})")
+        stats = json.loads(metadata[MetadataKey.RGB_STATS])
+        for key in ("mean", "std"):
+            if not np.allclose(stats[key], spec.rgb_stats[key], rtol=0, atol=1e-7):
+                raise ModelDirError(f"{path}: its rgb_stats metadata disagrees with the manifest")
+        if MetadataKey.DYNAMIC_SIZE in metadata and (metadata[MetadataKey.DYNAMIC_SIZE] == "true") != spec.dynamic_size:
+            raise ModelDirError(f"{path}: its dynamic_size metadata disagrees with the manifest")
+        labels = json.loads(metadata[MetadataKey.LABELS]) if MetadataKey.LABELS in metadata else None
+        if labels is not None and manifest.labels is not None and [str(v) for v in labels] != list(manifest.labels):
+            raise ModelDirError(f"{path}: its labels disagree with the manifest's")
     except (ValueError, KeyError, TypeError):
-        raise ModelDirError(f"{path}: unreadable preprocessing metadata") from None
+        raise ModelDirError(f"{path}: unreadable pvt-deploy metadata") from None

@@ -1,24 +1,19 @@
-"""onnxruntime sessions for one exported graph: device choice, a cached optimized model, and the CPU / CUDA run.
+"""onnxruntime sessions, created in one place: device and provider choice, quiet CUDA probing, one-line errors.
 
-Why a cache: onnxruntime's graph optimizations (fusions, layout changes) take a noticeable share of the first
-load of a b2 graph. We save the optimized graph once (``SessionOptions.optimized_model_filepath``) and load it with
-optimizations off afterwards. Such a file is only valid for the onnxruntime version, execution provider and CPU
-features that produced it, so those (and the source graph's sha256) are in its name. It is written next to the
-model in ``.ort-cache/`` or, when the model folder is read-only, under the user cache dir.
+There is no optimized-graph cache. It used to save onnxruntime's optimized graph (~96 MB per b2 graph) into
+``.ort-cache/``; measured again on b2/384 (docs/runtime.md) it saved 0.03-0.04 s of a 0.8 s cold start, and it
+was a second copy of the weights that the manifest's checksums did not cover. A leftover ``.ort-cache/`` from an
+older version is never read.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import logging
 import os
-import platform
-import shutil
-import tempfile
 import threading
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +21,26 @@ import numpy as np
 import onnxruntime as ort
 
 from pvt_deploy.errors import DeviceError, ModelDirError
-from pvt_deploy.manifest import sha256_file
 
 logger = logging.getLogger("pvt_deploy.runtime")
 
 DEVICES = ("auto", "cpu", "cuda")
-CACHE_DIR_NAME = ".ort-cache"
-CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+TENSORRT_PROVIDER = "TensorrtExecutionProvider"
+GPU_PROVIDERS = (CUDA_PROVIDER, TENSORRT_PROVIDER)
 
-_fallback_warned = False
-_fallback_lock = threading.Lock()
+ProviderEntry = str | tuple[str, dict[str, Any]]
+"""An onnxruntime execution provider: its name, or (name, provider options)."""
+
+_ORT_DEFAULT_LOG_SEVERITY = 2  # onnxruntime's own default (warning)
+_log_lock = threading.Lock()
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
 
 
-def _nvidia_device_present() -> bool:
+def nvidia_device_present() -> bool:
+    """Whether this machine has an NVIDIA GPU driver loaded (the one NVIDIA probe of the package)."""
     return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/version")
 
 
@@ -47,21 +48,31 @@ def cuda_provider_listed() -> bool:
     return CUDA_PROVIDER in ort.get_available_providers()
 
 
-def warn_cpu_fallback(reason: str) -> None:
-    """Warn once per process that ``device="auto"`` fell back to the CPU (a service log should say so once)."""
-    global _fallback_warned
-    with _fallback_lock:
-        if _fallback_warned:
+def cuda_usable() -> bool:
+    """An NVIDIA device and an onnxruntime build with the CUDA provider (its libraries may still fail to load)."""
+    return nvidia_device_present() and cuda_provider_listed()
+
+
+def warn_once(message: str) -> None:
+    """A ``RuntimeWarning`` at most once per process per message (a service log should say it once)."""
+    with _warned_lock:
+        if message in _warned:
             return
-        _fallback_warned = True
-    message = f"pvt-deploy: device='auto' is using the CPU ({reason})"
-    logger.debug(message)  # services that route warnings to logging (logging.captureWarnings) see it once there
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+        _warned.add(message)
+    logger.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def requested_providers(device: str) -> list[str]:
-    """Providers to try, in order, for a device choice. ``auto`` skips CUDA when no NVIDIA device exists so a
-    CPU machine with onnxruntime-gpu installed does not log a failed CUDA library load on every session."""
+def warn_cpu_fallback(reason: str) -> None:
+    """``device="auto"`` is on the CPU although this machine has an NVIDIA device: say so once."""
+    warn_once(f"pvt-deploy: device='auto' is using the CPU ({reason})")
+
+
+def requested_providers(device: str) -> list[ProviderEntry]:
+    """Providers to try, in order, for a device choice.
+
+    ``auto`` on a machine without an NVIDIA device is the CPU, silently: nothing was lost. It warns only where it
+    matters: an NVIDIA device is present but this onnxruntime has no CUDA provider (or, later, it fails to start)."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cpu":
@@ -69,91 +80,61 @@ def requested_providers(device: str) -> list[str]:
     if device == "cuda":
         if not cuda_provider_listed():
             raise DeviceError("device 'cuda' requested but this onnxruntime has no CUDAExecutionProvider")
-        return [CUDA_PROVIDER, CPU_PROVIDER]
-    if cuda_provider_listed() and _nvidia_device_present():
-        return [CUDA_PROVIDER, CPU_PROVIDER]
-    reason = "no CUDAExecutionProvider" if not cuda_provider_listed() else "no NVIDIA device found"
-    warn_cpu_fallback(reason)
-    return [CPU_PROVIDER]
+        return [(CUDA_PROVIDER, {"device_id": 0}), CPU_PROVIDER]
+    if not nvidia_device_present():
+        logger.debug("device='auto': no NVIDIA device, using the CPU")
+        return [CPU_PROVIDER]
+    if not cuda_provider_listed():
+        warn_cpu_fallback("an NVIDIA device is present but this onnxruntime has no CUDAExecutionProvider")
+        return [CPU_PROVIDER]
+    return [(CUDA_PROVIDER, {"device_id": 0}), CPU_PROVIDER]
 
 
-def machine_key(provider: str) -> str:
-    """What an optimized graph depends on: onnxruntime version, provider, CPU architecture and feature flags."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith(("flags", "Features")):
-                    flags = " ".join(sorted(line.split(":", 1)[1].split()))
-                    break
-    except OSError:
-        flags = platform.processor()
-    digest = hashlib.sha256(f"{platform.machine()}|{flags}".encode()).hexdigest()[:12]
-    short_provider = provider.replace("ExecutionProvider", "").lower()
-    return f"ort{ort.__version__}-{short_provider}-{platform.machine()}-{digest}"
+def provider_name(entry: ProviderEntry) -> str:
+    return entry if isinstance(entry, str) else entry[0]
 
 
-def user_cache_dir() -> Path:
-    """``$PVT_DEPLOY_CACHE/ort-optimized``, else ``$XDG_CACHE_HOME`` (or ``~/.cache``)``/pvt-deploy/ort-optimized``."""
-    if os.environ.get("PVT_DEPLOY_CACHE"):
-        return Path(os.environ["PVT_DEPLOY_CACHE"]) / "ort-optimized"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "pvt-deploy" / "ort-optimized"
+def normalize_providers(providers: Sequence[ProviderEntry]) -> list[ProviderEntry]:
+    """Check a caller's ``providers=`` list: names (or (name, options)) this onnxruntime offers."""
+    entries: list[ProviderEntry] = []
+    available = ort.get_available_providers()
+    for entry in providers:
+        if isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[1], dict):
+            entry = (str(entry[0]), dict(entry[1]))
+        elif not isinstance(entry, str):
+            raise ValueError(f"providers entries must be names or (name, options) pairs, got {entry!r}")
+        name = provider_name(entry)
+        if name not in available:
+            raise DeviceError(f"execution provider {name!r} is not in this onnxruntime ({', '.join(available)})")
+        entries.append(entry)
+    if not entries:
+        raise ValueError("providers must name at least one execution provider")
+    return entries
 
 
-def _writable_dir(path: Path) -> bool:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
-            pass
-        return True
-    except OSError:
-        return False
+@contextlib.contextmanager
+def quiet_provider_logs(providers: Sequence[ProviderEntry]) -> Iterator[None]:
+    """While GPU providers are probed, onnxruntime's default logger prints coloured lines for every library it
+    cannot load (``libcublasLt.so.13: cannot open ...``) before our own one-line error; silence it meanwhile."""
+    if not any(provider_name(p) in GPU_PROVIDERS for p in providers):
+        yield
+        return
+    with _log_lock:
+        ort.set_default_logger_severity(4)
+        try:
+            yield
+        finally:
+            ort.set_default_logger_severity(_ORT_DEFAULT_LOG_SEVERITY)
 
 
-CACHED_MODEL_NAME = "model.onnx"
-CACHED_DATA_NAME = "model.onnx.data"
-CACHED_RECORD_NAME = "record.json"
-
-
-def optimized_cache_path(model_dir: Path, graph_file: str, graph_sha256: str, provider: str) -> Path | None:
-    """The folder of one cached optimized graph: under ``<model_dir>/.ort-cache/`` if writable, else the user cache.
-
-    A folder, because the optimized graph keeps its weights in an external-data file beside it (graphs exported
-    with a shared ``weights.bin`` would otherwise point at a file that is not in the cache folder)."""
-    name = f"{Path(graph_file).stem}.{graph_sha256[:16]}.{machine_key(provider)}"
-    for folder in (model_dir / CACHE_DIR_NAME, user_cache_dir()):
-        if _writable_dir(folder):
-            return folder / name
-    return None
-
-
-def _cache_is_valid(entry: Path) -> bool:
-    """``record.json`` holds the sha256 and size of the cached files, so a damaged cache is rebuilt, never used."""
-    try:
-        record = json.loads((entry / CACHED_RECORD_NAME).read_text(encoding="utf-8"))
-        files = record["files"]
-        if CACHED_MODEL_NAME not in files:
-            return False
-        for name, expected in files.items():
-            path = entry / name
-            if path.stat().st_size != expected["size"] or sha256_file(path) != expected["sha256"]:
-                return False
-        return True
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-@dataclass
-class SessionConfig:
-    providers: list[str]
-    threads: int | None = None
-    use_cache: bool = True
-
-
-def _session_options(threads: int | None, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
+def session_options(threads: int | None = None, optimization: str = "all") -> ort.SessionOptions:
+    levels = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }
     options = ort.SessionOptions()
-    options.graph_optimization_level = level
+    options.graph_optimization_level = levels[optimization]
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = int(threads)
@@ -161,73 +142,20 @@ def _session_options(threads: int | None, level: ort.GraphOptimizationLevel) -> 
     return options
 
 
-def _provider_entries(providers: list[str]) -> list[Any]:
-    entries: list[Any] = []
-    for provider in providers:
-        if provider == CUDA_PROVIDER:
-            entries.append((CUDA_PROVIDER, {"device_id": 0}))
-        else:
-            entries.append(provider)
-    return entries
-
-
-def create_session(model_path: Path, graph_sha256: str, config: SessionConfig) -> tuple[ort.InferenceSession, bool]:
-    """Load one verified graph, reusing or writing the optimized-graph cache (best effort, never required).
-
-    Returns the session and whether it came from the cache."""
-    entries = _provider_entries(config.providers)
-    # CPU only: a graph optimized for the CUDA provider may hold provider-specific fusions whose serialized form
-    # is not guaranteed to reload; unverified without a GPU, so CUDA sessions always optimize from the source.
-    cache = (
-        optimized_cache_path(model_path.parent, model_path.name, graph_sha256, config.providers[0])
-        if config.use_cache and config.providers[0] == CPU_PROVIDER
-        else None
-    )
+def create_session(
+    model_path: Path,
+    providers: Sequence[ProviderEntry] = (CPU_PROVIDER,),
+    threads: int | None = None,
+    options: ort.SessionOptions | None = None,
+) -> ort.InferenceSession:
+    """The one place onnxruntime sessions are built (runtime, verify, bench). Load failures are one
+    ``ModelDirError`` line; GPU provider probing is quiet."""
+    options = options or session_options(threads)
     try:
-        if cache is not None and _cache_is_valid(cache):
-            try:
-                options = _session_options(config.threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-                return ort.InferenceSession(str(cache / CACHED_MODEL_NAME), options, providers=entries), True
-            except Exception as exc:  # a stale or foreign cache: rebuild it from the verified source graph
-                logger.info("ignoring optimized-graph cache %s (%s)", cache, exc)
-        options = _session_options(config.threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-        staging = None
-        if cache is not None:
-            staging = cache.with_name(f".{cache.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            options.optimized_model_filepath = str(staging / CACHED_MODEL_NAME)
-            options.add_session_config_entry(
-                "session.optimized_model_external_initializers_file_name", CACHED_DATA_NAME
-            )
-            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        session = ort.InferenceSession(str(model_path), options, providers=entries)
-        if staging is not None and cache is not None:
-            _publish_cache(staging, cache)
-        return session, False
-    except DeviceError:
-        raise
+        with quiet_provider_logs(providers):
+            return ort.InferenceSession(str(model_path), options, providers=list(providers))
     except Exception as exc:
         raise ModelDirError(f"{model_path}: onnxruntime cannot load this graph ({_first_line(exc)})") from None
-
-
-def _publish_cache(staging: Path, cache: Path) -> None:
-    """Record checksums, then move the staging folder into place in one rename (a reader sees all or nothing)."""
-    try:
-        if not (staging / CACHED_MODEL_NAME).is_file():
-            return
-        files = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in staging.iterdir() if p.is_file()}
-        record = {"files": files, "onnxruntime": ort.__version__, "machine": cache.name}
-        (staging / CACHED_RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        if cache.exists():  # damaged (else it would have been used) or just written by a concurrent process
-            if _cache_is_valid(cache):
-                return
-            shutil.rmtree(cache, ignore_errors=True)
-        staging.rename(cache)
-    except OSError as exc:
-        logger.info("could not write optimized-graph cache %s (%s)", cache, exc)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -236,22 +164,45 @@ def _first_line(exc: BaseException) -> str:
 
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
+
+
+def describe_values(values: Any) -> list[dict[str, Any]]:
+    """onnxruntime ``NodeArg``s as manifest-style ``{name, shape, dtype}`` dicts."""
+    return [
+        {
+            "name": v.name,
+            "shape": [d if isinstance(d, int) else str(d) for d in v.shape],
+            "dtype": ORT_DTYPES.get(v.type, v.type),
+        }
+        for v in values
+    ]
 
 
 class GraphSession:
     """One loaded graph. ``run`` is safe to call from many threads (onnxruntime's ``run`` is; IO bindings are
     created per call)."""
 
-    def __init__(self, session: ort.InferenceSession, output_names: tuple[str, ...], from_cache: bool = False) -> None:
+    from_cache = False  # there is no optimized-graph cache any more (module docstring)
+
+    def __init__(self, session: ort.InferenceSession, output_names: tuple[str, ...]) -> None:
         self.session = session
-        self.from_cache = from_cache  # loaded from the optimized-graph cache
         self.output_names = output_names
         self.providers = session.get_providers()
-        self.on_cuda = self.providers[0] == CUDA_PROVIDER
+        self.on_cuda = self.providers[0] in GPU_PROVIDERS
         graph_input = session.get_inputs()[0]
         self.input_name = graph_input.name
         self.input_dtype = _ORT_TO_NUMPY.get(graph_input.type, np.float32)
+        self.inputs = describe_values(session.get_inputs())
+        self.outputs = describe_values(session.get_outputs())
         self.metadata: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
+
+    def output_row_shape(self, name: str) -> tuple[int, ...]:
+        """An output's shape without the batch dim (symbolic dims as 0), for rows of inputs that all failed."""
+        for output in self.outputs:
+            if output["name"] == name:
+                return tuple(d if isinstance(d, int) else 0 for d in output["shape"][1:])
+        return ()
 
     def run(self, batch: np.ndarray, output_names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         names = output_names or self.output_names
