@@ -24,7 +24,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("pvt_deploy.cli.runtime_cmds:predict", "Top-k labels for images (torch-free)."),
     "embed": ("pvt_deploy.cli.runtime_cmds:embed", "Write embeddings for files or folders (torch-free)."),
     "features": ("pvt_deploy.cli.runtime_cmds:features", "Write stage1..stage4 feature maps (torch-free)."),
-    "info": ("pvt_deploy.cli.runtime_cmds:info", "Describe an exported folder and check its checksums."),
+    "info": ("pvt_deploy.cli.info_cmds:info", "Describe an exported folder and check its checksums."),
     "train": ("pvt_deploy.cli.train_cmds:train", "MMCR pretraining and fine-tuning."),
     "bench": ("pvt_deploy.cli.bench_cmds:bench", "Benchmark PyTorch against onnxruntime variants."),
 }

@@ -1,4 +1,4 @@
-"""``predict``, ``embed``, ``features`` and ``info``: the torch-free commands over an exported folder.
+"""``predict``, ``embed`` and ``features``: the torch-free commands over an exported folder.
 
 Exit codes: 0 all good; 4 (``ImageError``) some inputs failed, each named on stderr, the good ones still answered or
 written; 5 (``ModelDirError``) the folder is missing, incomplete or fails its checksums; 10 (``DeviceError``) CUDA
@@ -19,8 +19,7 @@ import click
 import numpy as np
 
 from pvt_deploy import __version__
-from pvt_deploy.errors import ImageError, ModelDirError, OutputError
-from pvt_deploy.manifest import read_manifest, sha256_file
+from pvt_deploy.errors import ImageError, OutputError
 from pvt_deploy.runtime.embed_store import Chunk, EmbedStore, atomic_write_bytes
 from pvt_deploy.runtime.results import BatchResult
 from pvt_deploy.runtime.runtime import Runtime
@@ -304,78 +303,4 @@ def features(
     click.echo(f"Wrote {out}: {shapes}", err=True)
 
 
-@click.command()
-@click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-def info(model_dir: Path, as_json: bool) -> None:
-    """Graphs, inputs/outputs, labels, precisions and a sha256 check of every file of an exported folder
-    (exit 5 when a file is missing or changed)."""
-    manifest = read_manifest(model_dir)
-    problems: dict[str, str] = {}
-    for name, record in (manifest.get("files") or {}).items():
-        path = Path(model_dir) / name
-        if not path.is_file():
-            problems[name] = "missing"
-        elif path.stat().st_size != record.get("size") or sha256_file(path) != record.get("sha256"):
-            problems[name] = "checksum mismatch"
-    labels = manifest.get("labels")
-    summary = {
-        "model_dir": str(model_dir),
-        "model_name": manifest.get("model_name"),
-        "network": manifest.get("network"),
-        "random_weights": manifest.get("random_weights"),
-        "input": {k: manifest.get("input", {}).get(k) for k in ("name", "size", "dynamic_size", "rgb_stats")},
-        "num_classes": manifest.get("num_classes", len(labels) if isinstance(labels, list) else None),
-        "labels": len(labels) if isinstance(labels, list) else None,
-        "precisions": sorted({p for variants in (manifest.get("graphs") or {}).values() for p in variants}),
-        "graphs": manifest.get("graphs") or {},
-        "files": len(manifest.get("files") or {}),
-        "checksums_ok": not problems,
-        "problems": problems,
-    }
-    if as_json:
-        click.echo(json.dumps(summary, indent=1))
-    else:
-        _print_info(summary)
-    if problems:
-        first = next(iter(problems.items()))
-        raise ModelDirError(f"{model_dir}: {len(problems)} file(s) fail the manifest check ({first[0]}: {first[1]})")
-
-
-def _format_io(values: Any) -> str:
-    if not isinstance(values, list):
-        return "?"
-    parts = []
-    for value in values:
-        if isinstance(value, dict):
-            shape = "x".join(str(d) for d in value.get("shape", []))
-            parts.append(f"{value.get('name')}[{shape}] {value.get('dtype', value.get('type', ''))}".strip())
-        else:
-            parts.append(str(value))
-    return ", ".join(parts)
-
-
-def _print_info(summary: dict[str, Any]) -> None:
-    echo = click.echo
-    echo(f"model:      {summary['model_name']} ({summary['network']})")
-    if summary["random_weights"]:
-        echo("weights:    RANDOM (exported with --random-weights; answers are meaningless)")
-    size = summary["input"].get("size") or ["?", "?"]
-    dynamic = " (dynamic size)" if summary["input"].get("dynamic_size") else ""
-    echo(f"input:      {summary['input'].get('name')} float32 NCHW, {size[0]}x{size[1]}{dynamic}")
-    echo(f"classes:    {summary['num_classes']} (labels: {summary['labels']})")
-    echo(f"precisions: {', '.join(summary['precisions'])}")
-    for graph, variants in summary["graphs"].items():
-        for precision, entry in variants.items():
-            entry = entry if isinstance(entry, dict) else {"file": entry}
-            echo(f"graph:      {graph} [{precision}] {entry.get('file')}")
-            echo(f"              in:  {_format_io(entry.get('inputs'))}")
-            echo(f"              out: {_format_io(entry.get('outputs'))}")
-    if summary["checksums_ok"]:
-        echo(f"checksums:  OK ({summary['files']} files)")
-    else:
-        for name, problem in summary["problems"].items():
-            echo(f"checksums:  FAILED {name}: {problem}")
-
-
-__all__ = ["collect_inputs", "embed", "features", "info", "predict"]
+__all__ = ["collect_inputs", "embed", "features", "predict"]

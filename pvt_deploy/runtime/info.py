@@ -1,0 +1,62 @@
+"""What ``pvt-deploy info`` reports about an exported folder, as data: Python callers and services reuse it.
+
+It validates exactly what ``Runtime`` validates (the typed manifest, the checksums, and each graph loaded and
+compared with the manifest), so ``info`` says OK only for folders the runtime accepts."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from pvt_deploy.errors import ModelDirError
+from pvt_deploy.manifest import Manifest, file_problems, load_manifest
+
+
+def graph_problems(manifest: Manifest) -> dict[str, str]:
+    """Each graph file that fails to load or disagrees with the manifest, with the reason (CPU sessions)."""
+    from pvt_deploy.runtime.runtime import Runtime
+
+    problems: dict[str, str] = {}
+    for precision in manifest.precisions:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            runtime = Runtime(manifest.model_dir, device="cpu", precision=precision)
+        for graph in runtime.graphs:
+            try:
+                runtime.load([graph])
+            except ModelDirError as exc:
+                problems[runtime.graph_entry(graph).file] = str(exc).removeprefix(f"{manifest.model_dir}/")
+    return problems
+
+
+def folder_summary(model_dir: str | os.PathLike[str], *, check_graphs: bool = True) -> dict[str, Any]:
+    """Model, input, classes, graphs and a check of every file; ``problems`` maps a file to what is wrong with it.
+
+    Raises ``ModelDirError`` when the manifest itself is unusable (the runtime would refuse it the same way)."""
+    manifest = load_manifest(Path(model_dir))
+    problems = file_problems(manifest)
+    if not problems and check_graphs:
+        problems = graph_problems(manifest)
+    spec = manifest.input
+    labels = manifest.labels
+    return {
+        "model_dir": str(model_dir),
+        "model_name": manifest.model_name,
+        "network": manifest.network,
+        "random_weights": manifest.random_weights,
+        "input": {
+            "name": spec.name,
+            "size": list(spec.size),
+            "dynamic_size": spec.dynamic_size,
+            "rgb_stats": spec.rgb_stats,
+        },
+        "num_classes": manifest.num_classes if manifest.num_classes is not None else (len(labels) if labels else None),
+        "labels": len(labels) if labels is not None else None,
+        "precisions": sorted(manifest.precisions),
+        "graphs": manifest.raw["graphs"],
+        "files": len(manifest.files),
+        "checksums_ok": not problems,
+        "problems": problems,
+    }
