@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pvt_deploy import Runtime
-from pvt_deploy.export.precision import PARITY_THRESHOLDS
+from pvt_deploy.export.parity import PARITY_THRESHOLDS
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 FP32 = PARITY_THRESHOLDS["fp32"]

@@ -64,7 +64,7 @@ def test_wrong_checkpoint_is_refused(export_copy: Path, tmp_path: Path) -> None:
 
 
 def test_failed_threshold_exits_non_zero_and_is_recorded(export_copy: Path, monkeypatch) -> None:
-    from pvt_deploy.export.precision import PARITY_THRESHOLDS
+    from pvt_deploy.export.parity import PARITY_THRESHOLDS
 
     monkeypatch.setitem(PARITY_THRESHOLDS["fp32"], "logits_max_abs", 0.0)  # nothing is that exact
     result = CliRunner().invoke(cli, ["verify", str(export_copy)])

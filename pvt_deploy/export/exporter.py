@@ -158,15 +158,15 @@ def _calibration_batches(calib_dir: Path | None, source: ExportSource, batch: in
     calibration-free method)."""
     if calib_dir is None:
         return None
-    from pvt_deploy.preprocess import load_image, preprocess
+    from pvt_deploy.preprocess import Preprocessor, is_image_file
 
     calib_dir = Path(calib_dir)
     if not calib_dir.is_dir():
         raise ExportError(f"--calib {calib_dir}: not a folder")
-    files = sorted(p for p in calib_dir.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+    files = sorted(p for p in calib_dir.rglob("*") if p.is_file() and is_image_file(p))
     if not files:
         raise ExportError(f"--calib {calib_dir}: no images found")
-    tensors = preprocess([load_image(p) for p in files], source.size, source.rgb_stats)
+    tensors = Preprocessor(tuple(source.size), dict(source.rgb_stats)).batch(files)  # the runtime's pipeline
     return [tensors[i : i + batch] for i in range(0, len(tensors), batch)]
 
 

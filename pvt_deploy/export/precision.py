@@ -1,6 +1,6 @@
 """Precision variants (int8, fp16) and the fp32 graph optimizations, applied to an already exported graph.
 
-Owned by the speed work. ``export`` calls these; ``verify`` reads ``PARITY_THRESHOLDS``. What was tried and
+``export`` calls these; the parity thresholds they are judged by live in ``export/parity.py``. What was tried and
 measured (and why each choice below was kept) is in docs/speed.md.
 """
 
@@ -18,25 +18,14 @@ import onnx
 from onnx import helper, numpy_helper
 
 from pvt_deploy.errors import ExportError
-
-# Thresholds per precision, checked by `pvt-deploy verify` against the PyTorch fp32 model.
-PARITY_THRESHOLDS: dict[str, dict[str, float]] = {
-    "fp32": {
-        "probabilities_max_abs": 1e-5,
-        "logits_max_abs": 1e-4,
-        "features_max_abs": 1e-4,
-        "embedding_cosine_min": 0.99999,
-    },
-    "int8": {"embedding_cosine_mean": 0.999, "embedding_cosine_min": 0.995, "features_cosine_min": 0.99},
-    "fp16": {"embedding_cosine_min": 0.9999, "features_cosine_min": 0.9999},
-}
+from pvt_deploy.export.parity import PARITY_THRESHOLDS  # noqa: F401 - importable from here too
 
 OFFLINE_LEVEL = "basic"
 """The onnxruntime level the fp32 graph is saved at. BASIC keeps standard ONNX ops only (constant folding,
 redundant-node removal), so the file stays runnable by any EP and any ONNX runtime. EXTENDED would bake in
 com.microsoft fused ops assigned to the EP present at export time, and ALL bakes in this CPU's NCHWc block size
-(onnxruntime itself warns the result is hardware specific). The runtime applies ALL when it loads the graph and
-caches that per machine, so nothing is lost at run time (docs/speed.md)."""
+(onnxruntime itself warns the result is hardware specific). The runtime applies ALL when it loads the graph, so
+nothing is lost at run time (docs/speed.md)."""
 
 INT8_OP_TYPES = ("MatMul", "Gemm")
 """Ops that get int8 kernels. LayerNorm, Softmax and GELU stay float because they are not listed, and so does

@@ -17,14 +17,15 @@ import numpy as np
 import torch
 
 from pvt_deploy.errors import CheckpointError, ImageError, ModelDirError, VerificationError
-from pvt_deploy.export.exporter import dynamic_check_sizes, ort_session
+from pvt_deploy.export.exporter import dynamic_check_sizes
 from pvt_deploy.export.graphs import reference_all
 from pvt_deploy.export.parity import GraphParity, output_metrics
 from pvt_deploy.export.source import RANDOM_WEIGHTS_SEED, random_weights_model
-from pvt_deploy.manifest import GRAPH_OUTPUTS, INPUT_NAME, read_manifest, sha256_file, verify_files, write_manifest
+from pvt_deploy.manifest import Manifest, load_manifest, sha256_file, verify_files, write_manifest
 from pvt_deploy.model.pvt_v2 import PVTv2
+from pvt_deploy.preprocess import is_image_file
+from pvt_deploy.runtime import Runtime
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_PHOTOS = Path(__file__).resolve().parents[2] / "tests" / "data" / "photos"
 """The six public-domain photos shipped with the repository (used when ``--images`` is not given)."""
 RANDOM_BATCH = 3
@@ -65,7 +66,9 @@ class VerifyResults:
         }
 
 
-def reference_model(manifest: dict[str, Any], folder: Path, checkpoint: str | Path | None) -> tuple[PVTv2, str]:
+def reference_model(
+    manifest: Manifest | dict[str, Any], folder: Path, checkpoint: str | Path | None
+) -> tuple[PVTv2, str]:
     """The PyTorch model the folder was exported from, and a line saying where it came from."""
     eps = float(manifest.get("layer_norm_eps", 1e-6))
     source = manifest.get("source") or {}
@@ -98,13 +101,13 @@ def reference_model(manifest: dict[str, Any], folder: Path, checkpoint: str | Pa
 
 def _image_files(images: str | Path | Sequence[str | Path] | None) -> list[Path]:
     if images is None:
-        return sorted(p for p in DEFAULT_PHOTOS.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(p for p in DEFAULT_PHOTOS.glob("*") if is_image_file(p))
     items = [images] if isinstance(images, (str, Path)) else list(images)
     files: list[Path] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
             if not found:
                 raise ImageError(f"--images {path}: no images found")
             files += found
@@ -115,21 +118,17 @@ def _image_files(images: str | Path | Sequence[str | Path] | None) -> list[Path]
     return files
 
 
-def _input_sets(manifest: dict[str, Any], files: list[Path]) -> list[InputSet]:
-    from pvt_deploy.preprocess import preprocess
-
-    spec = manifest["input"]
-    size = tuple(spec["size"])
-    center_crop = float((spec.get("resize") or {}).get("center_crop", 1.0))
+def _input_sets(runtime: Runtime, files: list[Path]) -> list[InputSet]:
+    """The photos through the runtime's own input pipeline (so verify tests it too), plus seeded random inputs."""
+    spec = runtime.manifest.input
     sets: list[InputSet] = []
     for start in range(0, len(files), PHOTO_BATCH):
         chunk = files[start : start + PHOTO_BATCH]
-        array = preprocess(chunk, size, spec["rgb_stats"], center_crop=center_crop)
-        sets.append(InputSet(f"photos[{start}:{start + len(chunk)}]", array))
+        sets.append(InputSet(f"photos[{start}:{start + len(chunk)}]", runtime.preprocess(chunk)))
     rng = np.random.default_rng(RANDOM_SEED)
-    sizes = [size]
-    if spec.get("dynamic_size"):
-        sizes += [s for s in dynamic_check_sizes(size) if s != size]  # type: ignore[arg-type]
+    sizes = [spec.size]
+    if spec.dynamic_size:
+        sizes += [s for s in dynamic_check_sizes(spec.size) if s != spec.size]  # type: ignore[arg-type]
     for other in sizes:
         array = rng.standard_normal((RANDOM_BATCH, 3, *other), dtype=np.float32)
         sets.append(InputSet(f"random {RANDOM_BATCH}x3x{other[0]}x{other[1]}", array))
@@ -148,32 +147,33 @@ def verify_export(
     threshold (after recording the results). A corrupted file raises ``ModelDirError`` before anything runs."""
     log = progress or (lambda message: None)
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = load_manifest(folder)
     verify_files(folder, manifest)
     model, origin = reference_model(manifest, folder, checkpoint)
     log(f"PyTorch reference: {origin}")
     files = _image_files(images)  # type: ignore[arg-type]
-    sets = _input_sets(manifest, files)
+    runtimes = {precision: Runtime(folder, device="cpu", precision=precision) for precision in manifest.precisions}
+    sets = _input_sets(runtimes["fp32" if "fp32" in runtimes else manifest.precisions[0]], files)
     log(f"Inputs: {len(files)} photo(s) and {sum(s.name.startswith('random') for s in sets)} random batch(es)")
     with torch.inference_mode():
         for input_set in sets:
             outputs = reference_all(model, torch.from_numpy(input_set.array))
             input_set.reference = {name: value.numpy() for name, value in outputs.items()}
     results: list[GraphParity] = []
-    for graph, variants in (manifest.get("graphs") or {}).items():
-        names = GRAPH_OUTPUTS.get(graph)
-        if names is None:
-            continue
+    for graph, variants in manifest.graphs.items():
         for precision, entry in variants.items():
-            session = ort_session(folder / entry["file"])
+            session = runtimes[precision].session(graph)  # checked against the manifest like any runtime load
+            names = tuple(name for name in entry.output_names if name in sets[0].reference)
+            if not names:
+                continue
             result = GraphParity(graph, precision)
             for input_set in sets:
-                got = session.run(list(names), {INPUT_NAME: input_set.array})
-                for name, value in zip(names, got, strict=True):
-                    result.add(name, output_metrics(name, input_set.reference[name], value))
+                got = session.run(input_set.array, names)
+                for name in names:
+                    result.add(name, output_metrics(name, input_set.reference[name], got[name]))
                 result.runs.append(list(input_set.array.shape))
             results.append(result.judge())
-            log(f"  {entry['file']}: {'ok' if result.passed else 'FAILED'}")
+            log(f"  {entry.file}: {'ok' if result.passed else 'FAILED'}")
     verification = VerifyResults(
         folder,
         results,
@@ -184,8 +184,8 @@ def verify_export(
         },
     )
     if write:
-        manifest.setdefault("parity", {})["verify"] = verification.to_json()
-        write_manifest(folder, manifest)
+        manifest.raw.setdefault("parity", {})["verify"] = verification.to_json()
+        write_manifest(folder, manifest.raw)
     return verification
 
 
