@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pvt_deploy.errors import ImageError
+from pvt_deploy.manifest import ResizeRule
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | Image.Image | np.ndarray
 
@@ -81,8 +82,9 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 def resize_spec(center_crop: float = 1.0) -> dict[str, Any]:
-    """The preprocessing description stored in exported metadata (``MetadataKey.RESIZE``)."""
-    return {"interpolation": INTERPOLATION, "center_crop": float(center_crop), "rule": RESIZE_RULE}
+    """The preprocessing description stored in the manifest and graph metadata (``MetadataKey.RESIZE``), in the
+    one resize-rule type, ``manifest.ResizeRule``."""
+    return ResizeRule(interpolation=INTERPOLATION, center_crop=float(center_crop), rule=RESIZE_RULE).to_json()
 
 
 def describe(item: Any) -> str:

@@ -12,16 +12,10 @@ pytest_plugins = [
 
 def _cuda_provider_available() -> bool:
     try:
-        import onnxruntime as ort
-    except ImportError:
+        from pvt_deploy.runtime.sessions import cuda_usable
+    except ImportError:  # no onnxruntime
         return False
-    return "CUDAExecutionProvider" in ort.get_available_providers() and _has_nvidia_device()
-
-
-def _has_nvidia_device() -> bool:
-    import os
-
-    return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/version")
+    return cuda_usable()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

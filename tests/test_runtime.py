@@ -49,7 +49,7 @@ def png_claiming_size(width: int, height: int) -> bytes:
 
 
 def bad_corpus(folder: Path, photo: Path) -> dict[str, Path]:
-    """The issue's bad inputs, as files."""
+    """Bad inputs of each kind, as files: empty, not an image, truncated, a decompression bomb, a folder."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "text.jpg").write_text("this is not a JPEG\n")

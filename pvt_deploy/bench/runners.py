@@ -4,7 +4,6 @@ and reports how long it took from creation to its first answer (cold start)."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -173,10 +172,8 @@ class TorchCompileRunner(TorchEagerRunner):
 
 
 class OrtRuntimeRunner(Runner):
-    """pvt-deploy's own ``Runtime`` on one precision: what a deployment runs, micro-batching included.
-
-    The optimized-graph cache is off so the cold start includes onnxruntime's graph optimization, as on a fresh
-    machine."""
+    """pvt-deploy's own ``Runtime`` on one precision: what a deployment runs, micro-batching included. The cold
+    start includes the checksums and onnxruntime's graph optimization, as on a fresh machine."""
 
     engine = "onnxruntime"
 
@@ -201,7 +198,6 @@ class OrtRuntimeRunner(Runner):
             precision=self.precision,
             threads=self.threads,
             batch_size=self.batch_size,
-            cache_optimized=False,
         )
         if self.device == "cuda" and self.runtime.active_device != "cuda":
             raise RunnerUnavailable("onnxruntime fell back to the CPU")
@@ -239,45 +235,45 @@ class OrtTensorRTRunner(Runner):
         self.precision = "trt-fp16"
         self.name = "ort-tensorrt-fp16"
         self.cache_dir = cache_dir
-        self.session: Any = None
+        self.runtime: Any = None
 
     def start(self, first_batch: np.ndarray) -> float:
-        import onnxruntime as ort
+        from pvt_deploy.errors import PvtDeployError
+        from pvt_deploy.runtime import Runtime
+        from pvt_deploy.runtime.sessions import TENSORRT_PROVIDER
 
-        from pvt_deploy.manifest import read_manifest
-
-        manifest = read_manifest(self.model_dir)
-        graph_file = manifest["graphs"]["classify"]["fp32"]["file"]
         begin = time.perf_counter()
         options = {
             "trt_fp16_enable": True,
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(self.cache_dir),
         }
-        try:
-            self.session = ort.InferenceSession(
-                str(self.model_dir / graph_file),
-                providers=[("TensorrtExecutionProvider", options), "CUDAExecutionProvider"],
+        try:  # the runtime's own session seam, with the TensorRT provider passed through
+            self.runtime = Runtime(
+                self.model_dir,
+                providers=[(TENSORRT_PROVIDER, options), "CUDAExecutionProvider"],
+                threads=self.threads,
+                batch_size=max(len(first_batch), 1),
             )
-        except Exception as exc:
+            self.runtime.load(["classify"])
+        except PvtDeployError as exc:
             raise RunnerUnavailable(f"TensorRT provider: {str(exc).splitlines()[0][:200]}") from None
-        if self.session.get_providers()[0] != "TensorrtExecutionProvider":
+        if self.runtime.session("classify").providers[0] != TENSORRT_PROVIDER:
             raise RunnerUnavailable("TensorRT provider did not load (missing TensorRT libraries?)")
         self(first_batch)
         self.cold_start_s = time.perf_counter() - begin
         return self.cold_start_s
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        probabilities, _, embedding = self.session.run(["probabilities", "logits", "embedding"], {"input": batch})
+        probabilities, embedding = self.runtime.classify(batch, return_embedding=True)
         return {"probabilities": probabilities, "embedding": embedding}
 
     def close(self) -> None:
-        self.session = None
+        self.runtime = None
 
 
 def cuda_device_present() -> bool:
-    """A usable NVIDIA device and onnxruntime's CUDA provider (the same rule the tests use)."""
-    import onnxruntime as ort
+    """A usable NVIDIA device and onnxruntime's CUDA provider (the runtime's rule)."""
+    from pvt_deploy.runtime.sessions import cuda_usable
 
-    has_device = os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/version")
-    return has_device and "CUDAExecutionProvider" in ort.get_available_providers()
+    return cuda_usable()

@@ -20,13 +20,11 @@ import numpy as np
 
 from pvt_deploy import __version__
 from pvt_deploy.errors import ImageError, OutputError
+from pvt_deploy.preprocess import IMAGE_EXTENSIONS  # what embed picks up when walking a folder
 from pvt_deploy.runtime.embed_store import Chunk, EmbedStore, atomic_write_bytes
 from pvt_deploy.runtime.results import BatchResult
 from pvt_deploy.runtime.runtime import Runtime
 from pvt_deploy.runtime.sessions import DEVICES
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-"""What ``embed`` picks up when walking a folder (case-insensitive). Files named directly are always tried."""
 
 DEFAULT_CHUNK_SIZE = 256
 

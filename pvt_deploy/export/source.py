@@ -15,13 +15,12 @@ import torch
 from pvt_deploy.errors import ExportError
 from pvt_deploy.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from pvt_deploy.model.pvt_v2 import BIRDER_LAYER_NORM_EPS, PVT_V2_CONFIGS, PVTv2, create_model
+from pvt_deploy.preprocess import BIRDER_RGB_STATS  # used when there is no checkpoint to read it from
 
 RANDOM_WEIGHTS_SEED = 0
 RANDOM_WEIGHTS_CLASSES = 550
 """A published name's class count; a bare network name gets the same so the graphs look like the real thing."""
 RANDOM_WEIGHTS_SIZE = (384, 384)
-BIRDER_RGB_STATS = {"mean": [0.5191, 0.5306, 0.4877], "std": [0.2316, 0.2304, 0.2588]}
-"""birder's default normalisation, used when there is no checkpoint to read it from."""
 
 
 @dataclass

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pvt_deploy.preprocess import BIRDER_RGB_STATS as _BIRDER_RGB_STATS
+
 RGBStats = dict[str, tuple[float, float, float]]
-BIRDER_RGB_STATS: RGBStats = {"mean": (0.5191, 0.5306, 0.4877), "std": (0.2316, 0.2304, 0.2588)}
-"""birder's default ("birder" rgb mode) normalisation, the one its PVT v2 checkpoints carry."""
+BIRDER_RGB_STATS: RGBStats = {key: (values[0], values[1], values[2]) for key, values in _BIRDER_RGB_STATS.items()}
+"""birder's default ("birder" rgb mode) normalisation, the one its PVT v2 checkpoints carry (as tuples)."""
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])

@@ -18,9 +18,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pvt_deploy.errors import DatasetError, ImageError
+from pvt_deploy.preprocess import IMAGE_EXTENSIONS
 from pvt_deploy.train.augment import AugmentConfig, RGBStats, augment_view, normalize
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"})
 
 
 def list_images(root: Path) -> list[Path]:

@@ -27,7 +27,9 @@ from pvt_deploy.train.distributed import DistEnv, all_reduce_mean, barrier
 
 @dataclass
 class LoopConfig:
-    """Hyper-parameters that define a run; a resumed run must agree on every field in ``resume_keys``."""
+    """Hyper-parameters that define a run. ``--resume`` compares ``describe()`` with the saved run's and refuses
+    any difference except workers, checkpoint_every, stop_at, log_every, progress and data
+    (``pretrain.check_same_run``)."""
 
     global_batch: int
     steps: int
@@ -44,8 +46,6 @@ class LoopConfig:
     log_every: int = 1
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
-
-    resume_keys = ("global_batch", "steps", "lr", "weight_decay", "warmup_steps", "min_lr", "clip_grad_norm", "seed")
 
     def describe(self) -> dict[str, Any]:
         return {**{k: v for k, v in asdict(self).items() if k != "extra"}, **self.extra}
