@@ -1,8 +1,8 @@
 """Show that birder 0.8.4 loads a checkpoint made by ``pvt-deploy train finetune`` and computes our outputs.
 
-Run with birder's venv (not in CI; needs /work/birder-venv):
+Run with the python of a venv holding birder 0.8.4 (``$BIRDER_PYTHON``; not in CI):
 
-    /work/birder-venv/bin/python dev/check_birder_finetune.py [--remake]
+    $BIRDER_PYTHON dev/check_birder_finetune.py [--remake]
 
 1. If tests/golden/train_finetune_tiny.pt is missing (or --remake), make it with *our* venv and CLI: a few
    MMCR steps on synthetic 32px images, then a short full fine-tune on two class folders.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -30,7 +31,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-OUR_PYTHON = REPO / ".venv" / "bin" / "python"
+OUR_PYTHON = Path(os.environ.get("PVT_DEPLOY_PYTHON") or REPO / ".venv" / "bin" / "python")
+"""pvt-deploy's venv, which runs our side: ``$PVT_DEPLOY_PYTHON``, else the repository's ``.venv``."""
 GOLDEN_DIR = REPO / "tests" / "golden"
 CHECKPOINT = GOLDEN_DIR / "train_finetune_tiny.pt"
 RESULT = GOLDEN_DIR / "birder_loads_finetune.json"

@@ -1,8 +1,9 @@
 """Full-size PVT v2 B2 (550 classes, 384x384) against birder 0.8.4, both directions. NOT run by CI.
 
-Run with the birder venv from the repository root (it runs our side in .venv as a subprocess)::
+Run from the repository root with the python of a venv holding birder 0.8.4 (``$BIRDER_PYTHON``); our side
+runs in ``$PVT_DEPLOY_PYTHON`` (default ``.venv/bin/python``) as a subprocess::
 
-    /work/birder-venv/bin/python dev/compare_full_b2.py
+    $BIRDER_PYTHON dev/compare_full_b2.py
 
 1. birder builds pvt_v2_b2 (fixed seed, perturbed so outputs are not near-uniform) and saves it with its own
    ``fs_ops.checkpoint_model``; birder's logits, embedding and stage1..stage4 features on fixed inputs (random
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-OUR_PYTHON = REPO / ".venv" / "bin" / "python"
+OUR_PYTHON = Path(os.environ.get("PVT_DEPLOY_PYTHON") or REPO / ".venv" / "bin" / "python")
+"""pvt-deploy's venv, which runs our side: ``$PVT_DEPLOY_PYTHON``, else the repository's ``.venv``."""
 PHOTO = REPO / "tests" / "data" / "photos" / "chelsea.png"
 DOCS = REPO / "docs"
 SEED = 0

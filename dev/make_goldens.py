@@ -1,8 +1,9 @@
 """Make the golden files in tests/golden/ from birder 0.8.4 itself. NOT run by CI.
 
-Run with the birder venv from the repository root::
+Run from the repository root with the python of a venv holding birder 0.8.4 (``$BIRDER_PYTHON``); our side
+runs in ``$PVT_DEPLOY_PYTHON`` (default ``.venv/bin/python``)::
 
-    /work/birder-venv/bin/python dev/make_goldens.py
+    $BIRDER_PYTHON dev/make_goldens.py
 
 It writes (all small, committed):
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +33,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "tests" / "golden"
 PHOTOS = REPO / "tests" / "data" / "photos"
-OUR_PYTHON = REPO / ".venv" / "bin" / "python"
+OUR_PYTHON = Path(os.environ.get("PVT_DEPLOY_PYTHON") or REPO / ".venv" / "bin" / "python")
+"""pvt-deploy's venv, which runs our side: ``$PVT_DEPLOY_PYTHON``, else the repository's ``.venv``."""
 
 SEED = 0
 NUM_CLASSES = 10
@@ -231,7 +234,7 @@ def stage_birder(workdir: Path) -> None:
     (GOLDEN / "birder_state_dict_layouts.json").write_text(json.dumps(layouts, indent=2) + "\n")
 
     manifest = {
-        "made_by": "dev/make_goldens.py with /work/birder-venv",
+        "made_by": "dev/make_goldens.py with birder 0.8.4 in its own venv",
         "versions": {
             "birder": birder.__version__,
             "torch": torch.__version__,

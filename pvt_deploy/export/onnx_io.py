@@ -27,7 +27,7 @@ EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_EXPORTER = "torchscript"
 DEFAULT_OPSET = 17
 EXPORTER_CHOICE = {
-    "measured_by": "dev/bench_exporters.py + dev/time_graphs.py (docs/export.md)",
+    "measured_by": "benchmarks/export_exporters.py + benchmarks/export_time_graphs.py (docs/export.md)",
     "case": "pvt_v2_b2 classify, 384x384, batch 1, onnxruntime 1.31.1 CPU, 2 threads, interleaved medians",
     "median_ms": {
         "torchscript-op17-onnxsim": 2171.4,

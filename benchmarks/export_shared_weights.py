@@ -1,9 +1,9 @@
 """Shared external-data weights vs three self-contained graphs, on an exported folder.
 
-Usage: .venv/bin/python dev/measure_shared_weights.py EXPORT_DIR
+Usage: .venv/bin/python benchmarks/export_shared_weights.py EXPORT_DIR
 Builds self-contained copies of the three fp32 graphs in a temp folder, then compares disk use, onnxruntime
 CPU session creation time (median of interleaved runs, 2 threads), process RSS growth after loading all three,
-and that outputs are bit-identical. Writes dev/results/shared_weights.json.
+and that outputs are bit-identical. Writes benchmarks/results/shared_weights.json.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Interleaved CPU onnxruntime timing of already exported graphs, with per-round ratios against the first.
 
-Usage: .venv/bin/python dev/time_graphs.py ROUNDS OUT.json A.onnx B.onnx ...   (input 1x3x384x384, 2 threads)
+Usage: .venv/bin/python benchmarks/export_time_graphs.py ROUNDS OUT.json A.onnx B.onnx ...  (1x3x384x384, 2 threads)
 Ratios of runs taken back to back cancel most of the load other processes put on a shared machine.
 """
 

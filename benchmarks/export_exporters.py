@@ -2,7 +2,7 @@
 
 Exports ClassifyGraph of pvt_v2_b2 (random weights, 550 classes) per candidate, checks parity against PyTorch
 at batch 1 and 3, then times all candidates interleaved (round-robin) and reports medians. Writes
-dev/results/exporter_bench.json. Run: .venv/bin/python dev/bench_exporters.py [rounds]
+benchmarks/results/exporter_bench.json. Run: .venv/bin/python benchmarks/export_exporters.py [rounds]
 """
 
 from __future__ import annotations
