@@ -1,9 +1,9 @@
 """onnxruntime sessions, created in one place: device and provider choice, quiet CUDA probing, one-line errors.
 
-There is no optimized-graph cache. It used to save onnxruntime's optimized graph (~96 MB per b2 graph) into
-``.ort-cache/``; measured again on b2/384 (docs/runtime.md) it saved 0.03-0.04 s of a 0.8 s cold start, and it
-was a second copy of the weights that the manifest's checksums did not cover. A leftover ``.ort-cache/`` from an
-older version is never read.
+There is no optimized-graph cache. It used to save onnxruntime's optimized graph (~100 MB per b2 graph) into
+``.ort-cache/``; measured again on b2/384 (benchmarks/runtime_cold_start.py) it saved 0.10 s of a 0.79 s cold
+start at best, it up to quadrupled the folder on disk, and it was a second copy of the weights that the
+manifest's checksums did not cover. A leftover ``.ort-cache/`` from an older version is never read.
 """
 
 from __future__ import annotations
