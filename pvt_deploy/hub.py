@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from pvt_deploy.errors import CheckpointError, DownloadError
+from pvt_deploy.manifest import sha256_file as sha256_of  # the one sha256 helper
 
 CACHE_ENV = "PVT_DEPLOY_CACHE"
 BASE_URL_ENV = "PVT_DEPLOY_BASE_URL"
@@ -101,14 +102,6 @@ def url_for(name: str, base_url: str | None = None) -> str:
 
 def cached_path(name: str, cache_dir_override: str | os.PathLike | None = None) -> Path:
     return cache_dir(cache_dir_override) / published(name).filename
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class _Progress:

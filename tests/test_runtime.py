@@ -364,7 +364,7 @@ def test_io_binding_path_equals_plain_run_on_cpu(runtime: Runtime, photo_paths: 
     """The CUDA path's onnxruntime calls (OrtValue input, device-allocated outputs), run with device "cpu"."""
     session = runtime.session("features")
     batch = runtime.preprocess(photo_paths[:3])
-    bound = session._run_io_binding(batch, session.output_names, device="cpu")
+    bound = session.run_io_binding(batch, session.output_names, device="cpu")
     plain = session.run_plain(batch)
     for name, value in zip(session.output_names, bound, strict=True):
         np.testing.assert_array_equal(value, plain[name])

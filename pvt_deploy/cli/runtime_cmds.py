@@ -128,14 +128,12 @@ def collect_inputs(paths: tuple[str, ...]) -> list[str]:
 
 
 def _model_identity(runtime: Runtime) -> dict[str, Any]:
-    graph = "embed" if "embed" in runtime.graphs else "classify"
-    entry = runtime.manifest["graphs"][graph][runtime.precision]
-    graph_file = entry["file"] if isinstance(entry, dict) else str(entry)
+    graph_file = runtime.graph_entry(runtime.embedding_graph).file
     return {
         "model_dir": str(runtime.model_dir.resolve()),
         "model_name": runtime.manifest.get("model_name"),
         "graph": graph_file,
-        "graph_sha256": runtime.manifest["files"][graph_file]["sha256"],
+        "graph_sha256": runtime.manifest.files[graph_file].sha256,
         "precision": runtime.precision,
     }
 
@@ -253,10 +251,9 @@ def _embed_run(
 
 def _embedding_dim(runtime: Runtime, store: EmbedStore, chunks: list[Chunk]) -> int:
     """The embedding width, known even when every input fails (the graph's static output shape)."""
-    graph = "embed" if "embed" in runtime.graphs else "classify"
-    for output in runtime.session(graph).session.get_outputs():
-        if output.name == "embedding" and isinstance(output.shape[-1], int):
-            return int(output.shape[-1])
+    width = runtime.output_shape(runtime.embedding_graph, "embedding")[-1:]
+    if width and isinstance(width[0], int):
+        return width[0]
     for array in store.iter_chunk_arrays(chunks):
         return int(array.shape[1])
     return 0

@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 
 from pvt_deploy import __version__
-from pvt_deploy.errors import ExportError, PvtDeployError
+from pvt_deploy.errors import ExportError, ModelDirError, PvtDeployError
 from pvt_deploy.export import onnx_io, precision
 from pvt_deploy.export.graphs import reference_all, wrap
 from pvt_deploy.export.parity import GraphParity, output_metrics
@@ -69,14 +69,13 @@ def default_out_dir(source: ExportSource) -> Path:
 
 
 def ort_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
+    """A CPU session through the runtime's one session seam; a load failure is an ``ExportError``."""
+    from pvt_deploy.runtime.sessions import create_session
+
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ExportError(f"{path.name}: onnxruntime cannot load it: {onnx_io.first_line(exc)}") from exc
+        return create_session(path, threads=threads or None)
+    except ModelDirError as exc:
+        raise ExportError(f"{path.name}: {str(exc).removeprefix(f'{path}: ')}") from None
 
 
 class ReferenceCache:

@@ -13,7 +13,6 @@ metadata. Neither stores the network name, so the PVT v2 size is inferred from t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from pvt_deploy.errors import CheckpointError
+from pvt_deploy.manifest import sha256_file
 from pvt_deploy.model.pvt_v2 import (
     BIRDER_BASE_NETWORK,
     BIRDER_LAYER_NORM_EPS,
@@ -92,14 +92,6 @@ def num_classes_from_signature(signature: dict[str, Any]) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -351,7 +343,7 @@ def load_checkpoint(
         birder_version=payload.get("birder_version"),
         config=overrides or None,
         size=size,
-        sha256=_sha256(path),
+        sha256=sha256_file(path),
         path=path,
         layer_norm_eps=layer_norm_eps,
         extra=extra,

@@ -149,6 +149,13 @@ class Runtime:
         """The manifest's entry (file, inputs, outputs) of ``graph`` at this Runtime's precision."""
         return self.manifest.entry(graph, self.precision)
 
+    def output_shape(self, graph: str, name: str) -> tuple[int | str, ...]:
+        """An output's shape as the manifest records it (ints, or names for dynamic dims such as ``"batch"``)."""
+        for output in self.graph_entry(graph).outputs:
+            if output.name == name:
+                return output.shape
+        raise ModelDirError(f"{self.model_dir}: the manifest's {graph} graph has no {name!r} output")
+
     def describe(self) -> dict[str, Any]:
         """What ``info`` and services show about a loaded folder (no onnxruntime objects)."""
         return {

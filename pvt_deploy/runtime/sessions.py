@@ -208,12 +208,12 @@ class GraphSession:
         names = output_names or self.output_names
         batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
         if self.on_cuda:
-            values = self._run_io_binding(batch, names)
+            values = self.run_io_binding(batch, names)
         else:
             values = self.session.run(list(names), {self.input_name: batch})
         return {name: np.asarray(value, dtype=np.float32) for name, value in zip(names, values, strict=True)}
 
-    def _run_io_binding(self, batch: np.ndarray, names: tuple[str, ...], device: str = "cuda") -> list[np.ndarray]:
+    def run_io_binding(self, batch: np.ndarray, names: tuple[str, ...], device: str = "cuda") -> list[np.ndarray]:
         """Copy the input to the device once, let onnxruntime allocate the outputs there, copy them back once
         (plain ``run`` on CUDA stages through extra host buffers). ``device="cpu"`` exercises the same calls on a
         machine without a GPU."""
