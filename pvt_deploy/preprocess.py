@@ -445,14 +445,9 @@ def preprocess_one(
     background: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """One image -> (3, H, W) float32."""
-    pipeline = Preprocessor(
-        _normalize_size(size),
-        {key: list(values) for key, values in rgb_stats.items()},
-        center_crop=center_crop,
-        apply_exif=apply_exif,
-        background=background,
-    )
-    return pipeline(source)
+    return preprocess([source], size, rgb_stats, center_crop=center_crop, apply_exif=apply_exif, background=background)[
+        0
+    ]
 
 
 def preprocess(
