@@ -62,11 +62,11 @@ def test_verify_and_calibration_use_the_runtime_pipeline(
 ) -> None:
     pytest.importorskip("torch")
     from pvt_deploy.export.exporter import _calibration_batches
-    from pvt_deploy.export.verify import _input_sets
+    from pvt_deploy.export.verify import input_sets
 
     runtime = Runtime(tiny_export_dir, device="cpu")
     expected = runtime.preprocess(photo_paths)
-    photo_sets = [s for s in _input_sets(runtime, photo_paths) if s.name.startswith("photos")]
+    photo_sets = [s for s in input_sets(runtime, photo_paths) if s.name.startswith("photos")]
     np.testing.assert_array_equal(np.concatenate([s.array for s in photo_sets]), expected)
     calib = tmp_path / "calib"
     calib.mkdir()

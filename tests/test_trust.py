@@ -183,7 +183,9 @@ def test_swapped_graph_with_updated_hash_is_refused(
     else:
         shutil.copy(folder / "embed.onnx", target)
     rehash(folder, "classify.onnx")
+    before = tree(folder)
     assert_refused(folder, photo_paths[0], match)
+    assert tree(folder) == before  # a failed load leaves nothing behind (no .ort-cache/.classify.*.tmp)
 
 
 def test_runtime_uses_the_manifest_outputs_of_a_three_stage_features_graph(

@@ -118,7 +118,7 @@ def _image_files(images: str | Path | Sequence[str | Path] | None) -> list[Path]
     return files
 
 
-def _input_sets(runtime: Runtime, files: list[Path]) -> list[InputSet]:
+def input_sets(runtime: Runtime, files: list[Path]) -> list[InputSet]:
     """The photos through the runtime's own input pipeline (so verify tests it too), plus seeded random inputs."""
     spec = runtime.manifest.input
     sets: list[InputSet] = []
@@ -153,7 +153,7 @@ def verify_export(
     log(f"PyTorch reference: {origin}")
     files = _image_files(images)  # type: ignore[arg-type]
     runtimes = {precision: Runtime(folder, device="cpu", precision=precision) for precision in manifest.precisions}
-    sets = _input_sets(runtimes["fp32" if "fp32" in runtimes else manifest.precisions[0]], files)
+    sets = input_sets(runtimes["fp32" if "fp32" in runtimes else manifest.precisions[0]], files)
     log(f"Inputs: {len(files)} photo(s) and {sum(s.name.startswith('random') for s in sets)} random batch(es)")
     with torch.inference_mode():
         for input_set in sets:
