@@ -146,6 +146,8 @@ class GraphEntry:
     file: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    batch_invariant: bool = True
+    """False when an image's answer depends on its batch-mates (the runtime then runs it row by row)."""
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -294,6 +296,7 @@ def _parse_graphs(model_dir: Path, raw: Any, files: dict[str, FileRecord]) -> di
                 name,
                 _parse_tensors(model_dir, f"{where}.inputs", inputs),
                 _parse_tensors(model_dir, f"{where}.outputs", outputs),
+                batch_invariant=entry.get("batch_invariant", True) is not False,
             )
     return graphs
 
