@@ -208,7 +208,7 @@ def test_features_npz_and_heatmap(client: httpx.Client, runtime: Runtime, photo_
     assert {name: np.array(grid).shape for name, grid in stages.items()} == {
         name: value.shape[2:] for name, value in expected.items()
     }
-    assert all(0.0 <= np.min(grid) and np.max(grid) == 1.0 for grid in stages.values())
+    assert all(np.min(grid) >= 0.0 and np.max(grid) == 1.0 for grid in stages.values())
 
 
 def test_model_description(client: httpx.Client, runtime: Runtime, model_dir: Path) -> None:
