@@ -230,7 +230,13 @@ def create_app(runtime: Runtime, settings: ServeSettings, backend: InferenceBack
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(render_page(service.model_name, needs_key=settings.api_key is not None))
+        return HTMLResponse(
+            render_page(
+                service.model_name,
+                needs_key=settings.api_key is not None,
+                untrained=bool(runtime.manifest.get("random_weights", False)),
+            )
+        )
 
     @app.post("/v1/predict", tags=["v1"])
     async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> dict[str, Any]:

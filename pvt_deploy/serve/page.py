@@ -19,10 +19,11 @@ _PAGE = """<!doctype html>
   header { padding: 14px 24px; background: #fff; border-bottom: 1px solid var(--line); display: flex;
            align-items: baseline; gap: 14px; }
   header h1 { font-size: 18px; margin: 0; }
+  header .untrained { color: #8a5a00; background: #fff4d6; border-radius: 4px; padding: 1px 8px; font-size: 13px; }
   header .model { color: var(--muted); font-family: ui-monospace, monospace; font-size: 13px; }
   main { max-width: 1100px; margin: 0 auto; padding: 20px 24px; }
-  #drop { border: 2px dashed #9fb3c8; border-radius: 10px; background: #fff; padding: 22px; text-align: center;
-          color: var(--muted); cursor: pointer; }
+  #drop { display: block; border: 2px dashed #9fb3c8; border-radius: 10px; background: #fff; padding: 22px;
+          text-align: center; color: var(--muted); cursor: pointer; }
   #drop.over { border-color: var(--accent); background: #eef8f3; }
   #drop strong { color: var(--ink); }
   #key-row { margin: 10px 0 0; }
@@ -47,7 +48,7 @@ _PAGE = """<!doctype html>
 </style>
 </head>
 <body>
-<header><h1>pvt-deploy</h1><span class="model">__MODEL__</span></header>
+<header><h1>pvt-deploy</h1><span class="model">__MODEL__</span>__UNTRAINED__</header>
 <main>
   <label id="drop" for="file">
     <strong>Drop a photo here</strong> or click to pick one
@@ -179,6 +180,13 @@ drop.addEventListener("drop", (e) => {
 """
 
 
-def render_page(model_name: str, needs_key: bool) -> str:
+UNTRAINED_NOTE = '<span class="untrained">random weights: answers are meaningless</span>'
+
+
+def render_page(model_name: str, *, needs_key: bool, untrained: bool) -> str:
     """The page for this model; the API-key field shows only when the server wants one."""
-    return _PAGE.replace("__MODEL__", html.escape(model_name)).replace("__KEY_HIDDEN__", "" if needs_key else "hidden")
+    return (
+        _PAGE.replace("__MODEL__", html.escape(model_name))
+        .replace("__KEY_HIDDEN__", "" if needs_key else "hidden")
+        .replace("__UNTRAINED__", UNTRAINED_NOTE if untrained else "")
+    )
