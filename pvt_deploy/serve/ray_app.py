@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,12 @@ class PvtDeployment:
         return await asyncio.to_thread(run_grouped, self.runtime, requests)
 
 
+def deployment(settings: ServeSettings, replicas: int) -> Any:
+    """The bound deployment: ``replicas`` replicas, each taking up to ``--max-queue`` requests at once."""
+    options = PvtDeployment.options(num_replicas=replicas, max_ongoing_requests=max(settings.max_queue, 1))
+    return options.bind(settings)
+
+
 def build_app(args: dict[str, str]) -> Any:
     """``serve run`` builder: ``model_dir=...`` plus any ServeSettings field as ``key=value``; ``replicas=N``."""
     options = dict(args)
@@ -66,7 +71,7 @@ def build_app(args: dict[str, str]) -> Any:
         kind = fields[key].type
         typed[key] = int(value) if "int" in str(kind) else float(value) if "float" in str(kind) else value
     settings = ServeSettings(model_dir=Path(model_dir).resolve(), **typed)
-    return PvtDeployment.options(num_replicas=replicas).bind(settings)
+    return deployment(settings, replicas)
 
 
 def run_on_ray(settings: ServeSettings, *, host: str, port: int, address: str | None, replicas: int) -> None:
@@ -75,11 +80,16 @@ def run_on_ray(settings: ServeSettings, *, host: str, port: int, address: str | 
 
     settings = ServeSettings(**{**settings.__dict__, "model_dir": Path(settings.model_dir).resolve()})
     ray.init(address=address)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(PvtDeployment.options(num_replicas=replicas).bind(settings), name=DEPLOYMENT_NAME, route_prefix="/")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # through `finally`: Ray Serve drains its replicas
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # replaces ray.init's handler, which exits 15
     try:
-        while True:
-            time.sleep(3600)
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment(settings, replicas), name=DEPLOYMENT_NAME, route_prefix="/")
+        while not stop.wait(1.0):
+            pass
     finally:
+        # Ray Serve drains its replicas' in-flight requests; ray.shutdown stops the processes it started (and
+        # signals our own process group, which must not turn this clean stop into a non-zero exit)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         serve.shutdown()
+        ray.shutdown()
