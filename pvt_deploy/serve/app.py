@@ -67,14 +67,20 @@ class Service:
         self.runtime = runtime
         self.settings = settings
         self.metrics = ServeMetrics()
+        self.admitted = 0
         self.batcher = (
-            DynamicBatcher(runtime, settings.max_batch, settings.max_wait_ms, self.metrics.batch_size.observe)
+            DynamicBatcher(
+                runtime,
+                settings.max_batch,
+                settings.max_wait_ms,
+                on_batch=self.metrics.batch_size.observe,
+                in_flight=lambda: self.admitted,
+            )
             if backend is None
             else None
         )
         self.backend: InferenceBackend = backend if backend is not None else self.batcher  # type: ignore[assignment]
         self.decoder = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="pvt-decode")
-        self.admitted = 0
         self.model_name = str(runtime.manifest.get("model_name") or runtime.model_dir.name)
         self.labels = runtime.labels
         self.size = tuple(runtime.spec.size)

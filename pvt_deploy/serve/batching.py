@@ -1,6 +1,8 @@
 """Dynamic batching: concurrent requests' preprocessed rows go through the model in one ``Runtime`` call.
 
-Requests wait at most ``max_wait_ms`` for company, and a batch holds at most ``max_batch`` rows (a single request
+Requests wait at most ``max_wait_ms`` for company, and only while company is on its way (other requests admitted
+and still decoding): a lone request runs at once, so batching costs nothing at concurrency 1. A batch holds at
+most ``max_batch`` rows (a single request
 with more rows still runs whole; ``Runtime`` splits it into micro-batches of ``max_batch``). Inference runs on one
 worker thread, so the event loop keeps accepting and decoding while the model is busy. An image's answer does not
 depend on its batch mates: ``Runtime`` is batch-invariant for every shipped precision (fp32 within the parity
@@ -71,7 +73,9 @@ class _Pending:
 class DynamicBatcher:
     """Gathers requests on the event loop and runs each batch on one worker thread.
 
-    ``on_batch(rows)`` is called once per batch (metrics). Start is lazy (first ``run``), so the same app object
+    ``on_batch(rows)`` is called once per batch (metrics). ``in_flight()`` is how many images the service has
+    admitted and not yet answered; when every one of them is already in the batch, it runs without waiting. Start
+    is lazy (first ``run``), so the same app object
     works under uvicorn and inside a Ray replica."""
 
     def __init__(
@@ -80,11 +84,13 @@ class DynamicBatcher:
         max_batch: int,
         max_wait_ms: float,
         on_batch: Callable[[int], None] | None = None,
+        in_flight: Callable[[], int] | None = None,
     ) -> None:
         self.runtime = runtime
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.on_batch = on_batch
+        self.in_flight = in_flight
         self._queue: asyncio.Queue[_Pending] | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pvt-serve-infer")
@@ -123,6 +129,8 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
         while rows < self.max_batch:
+            if self._queue.empty() and self.in_flight is not None and self.in_flight() <= rows:
+                break  # nobody else is coming: waiting would only add latency
             remaining = deadline - loop.time()
             try:
                 item = (
