@@ -207,7 +207,11 @@ def main() -> None:
         "http_requests": http_requests,
         "results": summary,
         "mean_batch_rows": round(float(rows.group(1)) / float(batches.group(1)), 2) if batches and rows else None,
-        "server_rss_mb": {"before": round(rss_before, 1), "after": round(rss_after, 1), "after_each_round": rss_by_round},
+        "server_rss_mb": {
+            "before": round(rss_before, 1),
+            "after": round(rss_after, 1),
+            "after_each_round": rss_by_round,
+        },
         "server_exit_code_after_sigterm": exit_code,
         "targets": {
             f"{first}_p50_within_{P50_MARGIN_MS:g}ms_of_in_process": summary[first]["p50_ms"]
@@ -247,12 +251,14 @@ def plot(report: dict, path: Path) -> None:
     left.axhline(baseline["images_per_s"], color="gray", linestyle="--", label="in-process, one caller")
     left.set(xscale="log", xticks=levels, xticklabels=levels, xlabel="concurrent callers", ylabel="images/s",
              title="Throughput (median over rounds)")  # fmt: skip
+    left.set_ylim(bottom=0)
     left.legend()
     for q, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^:")):
         right.plot(levels, [http[c][f"{q}_ms"] for c in levels], style, label=f"HTTP {q}")
     right.axhline(baseline["p50_ms"], color="gray", linestyle="--", label="in-process p50")
     right.set(xscale="log", xticks=levels, xticklabels=levels, xlabel="concurrent callers", ylabel="latency (ms)",
               title="Latency")  # fmt: skip
+    right.set_ylim(bottom=0)
     right.legend()
     figure.suptitle(f"pvt-deploy serve, {report['model']} {report['input_size'][0]}px, {report['cpu']}", fontsize=10)
     figure.tight_layout()
