@@ -27,6 +27,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("pvt_deploy.cli.info_cmds:info", "Describe an exported folder and check its checksums."),
     "train": ("pvt_deploy.cli.train_cmds:train", "MMCR pretraining and fine-tuning."),
     "bench": ("pvt_deploy.cli.bench_cmds:bench", "Benchmark PyTorch against onnxruntime variants."),
+    "serve": ("pvt_deploy.cli.serve_cmds:serve", "HTTP inference service: JSON, KServe v2, a web page (torch-free)."),
 }
 
 

@@ -1,0 +1,100 @@
+"""``pvt-deploy serve``: the HTTP inference service (uvicorn in this process, or Ray Serve replicas).
+
+Exit codes: 0 after a clean stop (SIGTERM drains in-flight requests first); 2 bad options (click, or
+``--api-key-env`` naming an unset variable); 5 (``ModelDirError``) the folder is missing or fails its checksums;
+10 (``DeviceError``) CUDA was asked for and is not usable.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import click
+
+from pvt_deploy.runtime.sessions import DEVICES
+from pvt_deploy.serve.settings import ServeSettings
+
+GRACEFUL_SHUTDOWN_S = 30
+"""How long SIGTERM waits for in-flight requests before closing their connections."""
+
+
+@click.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--precision", default="fp32", show_default=True, help="An exported precision (fp32, int8...).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most images gathered into one model call.")  # fmt: skip
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Longest a request waits for others to share its batch.")  # fmt: skip
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=32.0, show_default=True,
+              help="Larger request bodies get 413.")  # fmt: skip
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images admitted at once; beyond that, 503 with Retry-After.")  # fmt: skip
+@click.option("--api-key-env", metavar="VAR", default=None,
+              help="Require 'Authorization: Bearer <key>', the key read from environment variable VAR.")  # fmt: skip
+@click.option("--ray", "use_ray", is_flag=True, help="Deploy on Ray Serve instead of one uvicorn process.")
+@click.option("--address", default=None, help="With --ray: the Ray cluster to join (default: start a local one).")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --ray: replicas, each holding its own Runtime.")  # fmt: skip
+def serve(
+    model_dir: Path,
+    host: str,
+    port: int,
+    device: str,
+    precision: str,
+    threads: int | None,
+    max_batch: int,
+    max_wait_ms: float,
+    max_body_mb: float,
+    max_queue: int,
+    api_key_env: str | None,
+    use_ray: bool,
+    address: str | None,
+    replicas: int,
+) -> None:
+    """Serve MODEL_DIR over HTTP: /v1 JSON endpoints, KServe v2 /v2, /metrics, a web page at /, docs at /docs."""
+    if not use_ray and (address is not None or replicas != 1):
+        raise click.UsageError("--address and --replicas need --ray")
+    settings = ServeSettings(
+        model_dir=model_dir,
+        device=device,
+        precision=precision,
+        threads=threads,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_body_mb=max_body_mb,
+        max_queue=max_queue,
+        api_key=ServeSettings.api_key_from_env(api_key_env),
+    )
+    if use_ray:
+        from pvt_deploy.serve.ray_app import run_on_ray
+
+        run_on_ray(settings, host=host, port=port, address=address, replicas=replicas)
+        return
+    _serve_locally(settings, host, port)
+
+
+def _serve_locally(settings: ServeSettings, host: str, port: int) -> None:
+    import uvicorn
+
+    from pvt_deploy.serve.app import create_app
+    from pvt_deploy.serve.runtime_loading import open_runtime
+
+    runtime = open_runtime(settings)
+    app = create_app(runtime, settings)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        # a backstop above --max-queue: connections beyond it get uvicorn's own 503 before any body is read
+        limit_concurrency=4 * settings.max_queue + 64,
+        log_level="info",
+    )
+    # uvicorn re-raises the SIGTERM it handled once it has drained; a no-op handler makes that a clean exit 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.Server(config).run()

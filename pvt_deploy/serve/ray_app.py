@@ -1,0 +1,95 @@
+"""The same app on Ray Serve: each replica holds its own ``Runtime`` and batches with Ray Serve's ``@serve.batch``.
+
+``pvt-deploy serve MODEL_DIR --ray [--address ADDR] --replicas N`` runs it; so does
+``serve run pvt_deploy.serve.ray_app:build_app model_dir=MODEL_DIR [max_batch=8 ...]`` (the builder below)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from pvt_deploy.serve.batching import Outputs, run_grouped
+from pvt_deploy.serve.settings import ServeSettings
+
+DEPLOYMENT_NAME = "pvt_deploy"
+
+
+def _rows_in(requests: list[tuple[str, np.ndarray]]) -> int:
+    return sum(len(rows) for _, rows in requests)
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress()
+class PvtDeployment:
+    """One replica: a loaded ``Runtime`` plus the FastAPI app, whose backend is this replica's batch queue."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        from pvt_deploy.serve.runtime_loading import open_runtime
+
+        self.settings = settings
+        self.runtime = open_runtime(settings)
+        self._batched.set_max_batch_size(settings.max_batch)
+        self._batched.set_batch_wait_timeout_s(settings.max_wait_ms / 1000.0)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from pvt_deploy.serve.app import create_app
+
+        return create_app(self.runtime, self.settings, backend=self)
+
+    async def run(self, operation: str, rows: np.ndarray) -> Outputs:
+        return await self._batched((operation, rows))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, batch_size_fn=_rows_in)
+    async def _batched(self, requests: list[tuple[str, np.ndarray]]) -> list[Outputs]:
+        return await asyncio.to_thread(run_grouped, self.runtime, requests)
+
+
+def deployment(settings: ServeSettings, replicas: int) -> Any:
+    """The bound deployment: ``replicas`` replicas, each taking up to ``--max-queue`` requests at once."""
+    options = PvtDeployment.options(num_replicas=replicas, max_ongoing_requests=max(settings.max_queue, 1))
+    return options.bind(settings)
+
+
+def build_app(args: dict[str, str]) -> Any:
+    """``serve run`` builder: ``model_dir=...`` plus any ServeSettings field as ``key=value``; ``replicas=N``."""
+    options = dict(args)
+    replicas = int(options.pop("replicas", 1))
+    model_dir = options.pop("model_dir", None)
+    if model_dir is None:
+        raise ValueError("serve run ... model_dir=PATH is required")
+    fields = ServeSettings.__dataclass_fields__
+    typed: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in fields:
+            raise ValueError(f"unknown option {key!r}")
+        kind = fields[key].type
+        typed[key] = int(value) if "int" in str(kind) else float(value) if "float" in str(kind) else value
+    settings = ServeSettings(model_dir=Path(model_dir).resolve(), **typed)
+    return deployment(settings, replicas)
+
+
+def run_on_ray(settings: ServeSettings, *, host: str, port: int, address: str | None, replicas: int) -> None:
+    """Start (or join) Ray, deploy ``replicas`` replicas behind Ray Serve's HTTP proxy, and stay up until stopped."""
+    import ray
+
+    settings = ServeSettings(**{**settings.__dict__, "model_dir": Path(settings.model_dir).resolve()})
+    ray.init(address=address)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # replaces ray.init's handler, which exits 15
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment(settings, replicas), name=DEPLOYMENT_NAME, route_prefix="/")
+        while not stop.wait(1.0):
+            pass
+    finally:
+        # Ray Serve drains its replicas' in-flight requests; ray.shutdown stops the processes it started (and
+        # signals our own process group, which must not turn this clean stop into a non-zero exit)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        serve.shutdown()
+        ray.shutdown()
