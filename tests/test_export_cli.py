@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from pvt_deploy.cli import cli
-from pvt_deploy.errors import ExportError
+from pvt_deploy.errors import ExportError, OutputError
 from pvt_deploy.manifest import GRAPH_OUTPUTS, INPUT_NAME, MetadataKey, read_manifest
 
 
@@ -24,7 +24,7 @@ def test_existing_folder_is_refused_without_force(tmp_path: Path, tiny_checkpoin
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     result = CliRunner().invoke(cli, ["export", str(tiny_checkpoint), "--out", str(out)])
-    assert result.exit_code == ExportError.exit_code
+    assert result.exit_code == OutputError.exit_code == 1
     lines = result.output.strip().splitlines()
     assert lines == [f"Error: {out} already exists; pass --force to replace it"]
     assert (out / "keep.txt").read_text() == "mine"
