@@ -34,7 +34,7 @@ class ModelDirError(PvtDeployError):
 
 
 class ExportError(PvtDeployError):
-    """Export failed or the exported graph failed its parity check."""
+    """Export failed or the exported graph failed its parity check (an existing output folder is ``OutputError``)."""
 
     exit_code = 6
 
@@ -73,3 +73,27 @@ class DeviceError(PvtDeployError):
     """``device="cuda"`` was asked for but onnxruntime cannot run on a CUDA device here."""
 
     exit_code = 10
+
+
+class MissingExtraError(PvtDeployError):
+    """A command needs an optional extra (torch for export, psutil for bench, ...) that is not installed."""
+
+    exit_code = 11
+
+
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    OutputError.exit_code: "the output is in the way (exists without --overwrite/--force, locked, or unfinished)",
+    CheckpointError.exit_code: "bad checkpoint, or bad command-line usage",
+    DownloadError.exit_code: "download failed",
+    ImageError.exit_code: "some inputs failed (each named on stderr; the rest are answered)",
+    ModelDirError.exit_code: "model folder missing, invalid or failing its checksums",
+    ExportError.exit_code: "export failed",
+    VerificationError.exit_code: "a verify threshold failed",
+    DatasetError.exit_code: "training data unusable",
+    TrainingError.exit_code: "training cannot start or continue",
+    DeviceError.exit_code: "CUDA asked for but not usable",
+    MissingExtraError.exit_code: "the command needs an optional extra that is not installed",
+    130: "interrupted (Ctrl-C)",
+}
+"""Every exit code the CLI uses, the one table the docs are checked against (tests/test_exit_codes.py)."""

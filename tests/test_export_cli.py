@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from pvt_deploy.cli import cli
-from pvt_deploy.errors import ExportError
+from pvt_deploy.errors import ExportError, OutputError
 from pvt_deploy.manifest import GRAPH_OUTPUTS, INPUT_NAME, MetadataKey, read_manifest
 
 
@@ -24,7 +24,7 @@ def test_existing_folder_is_refused_without_force(tmp_path: Path, tiny_checkpoin
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     result = CliRunner().invoke(cli, ["export", str(tiny_checkpoint), "--out", str(out)])
-    assert result.exit_code == ExportError.exit_code
+    assert result.exit_code == OutputError.exit_code == 1
     lines = result.output.strip().splitlines()
     assert lines == [f"Error: {out} already exists; pass --force to replace it"]
     assert (out / "keep.txt").read_text() == "mine"
@@ -79,6 +79,7 @@ def test_force_replaces_and_random_weights_are_labelled(tmp_path: Path) -> None:
     result = runner.invoke(cli, ["export", "pvt_v2_tiny", "--random-weights", "--out", str(out), "--force"])
     assert result.exit_code == 0, result.output
     assert "RANDOM WEIGHTS" in result.output
+    assert result.output.strip().splitlines()[-1] == f"Next: pvt-deploy predict {out} IMAGE"
     assert not (out / "stale.txt").exists()
     assert _leftovers(tmp_path) == ["tiny-random"]
     manifest = read_manifest(out)
@@ -94,6 +95,25 @@ def test_force_replaces_and_random_weights_are_labelled(tmp_path: Path) -> None:
     assert verified.exit_code == 0, verified.output
     assert "random weights regenerated from seed 0" in verified.output
     assert read_manifest(out)["parity"]["verify"]["passed"] is True
+
+
+def test_offline_published_export_suggests_random_weights(tmp_path: Path, monkeypatch) -> None:
+    """Without the hub, exporting the published name says what works offline instead of just 'cannot connect'."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    monkeypatch.setenv("PVT_DEPLOY_BASE_URL", f"http://127.0.0.1:{closed}")
+    monkeypatch.setenv("PVT_DEPLOY_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(cli, ["export", "pvt_v2_b2_mmcr-il-all", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 3
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "cannot connect" in line
+    assert line.endswith(
+        "Offline? Try `pvt-deploy export pvt_v2_b2_mmcr-il-all --random-weights` (untrained, same network) "
+        "or pass a local checkpoint path"
+    )
 
 
 def test_unknown_random_weights_name_is_one_line(tmp_path: Path) -> None:

@@ -13,22 +13,48 @@ from typing import Any
 import click
 
 from pvt_deploy import __version__
-from pvt_deploy.errors import PvtDeployError
+from pvt_deploy.errors import MissingExtraError, PvtDeployError
 
-# name -> ("module:attribute", short help). Each area owns its own module under pvt_deploy/cli/; the short help
-# is listed here so `pvt-deploy --help` imports nothing heavy.
-LAZY_COMMANDS: dict[str, tuple[str, str]] = {
-    "download": ("pvt_deploy.cli.model_cmds:download", "Download a published checkpoint into the cache."),
-    "export": ("pvt_deploy.cli.export_cmds:export", "Export a checkpoint to verified ONNX graphs."),
-    "verify": ("pvt_deploy.cli.export_cmds:verify", "Compare an exported folder with PyTorch."),
-    "predict": ("pvt_deploy.cli.runtime_cmds:predict", "Top-k labels for images (torch-free)."),
-    "embed": ("pvt_deploy.cli.runtime_cmds:embed", "Write embeddings for files or folders (torch-free)."),
-    "features": ("pvt_deploy.cli.runtime_cmds:features", "Write stage1..stage4 feature maps (torch-free)."),
-    "info": ("pvt_deploy.cli.info_cmds:info", "Describe an exported folder and check its checksums."),
-    "train": ("pvt_deploy.cli.train_cmds:train", "MMCR pretraining and fine-tuning."),
-    "bench": ("pvt_deploy.cli.bench_cmds:bench", "Benchmark PyTorch against onnxruntime variants."),
-    "serve": ("pvt_deploy.cli.serve_cmds:serve", "HTTP inference service: JSON, KServe v2, a web page (torch-free)."),
+# name -> ("module:attribute", short help, extras it needs). Each area owns its own module under pvt_deploy/cli/; the
+# short help is listed here so `pvt-deploy --help` imports nothing heavy, and the extras turn a missing package into
+# one line naming what to install (tests/test_extras.py checks them against every import the command reaches).
+LAZY_COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "download": ("pvt_deploy.cli.model_cmds:download", "Download a published checkpoint into the cache.", ()),
+    "export": ("pvt_deploy.cli.export_cmds:export", "Export a checkpoint to verified ONNX graphs.", ("export",)),
+    "verify": ("pvt_deploy.cli.export_cmds:verify", "Compare an exported folder with PyTorch.", ("export",)),
+    "predict": ("pvt_deploy.cli.runtime_cmds:predict", "Top-k labels for images (torch-free).", ()),
+    "embed": ("pvt_deploy.cli.runtime_cmds:embed", "Write embeddings for files or folders (torch-free).", ()),
+    "features": ("pvt_deploy.cli.runtime_cmds:features", "Write stage1..stage4 feature maps (torch-free).", ()),
+    "info": ("pvt_deploy.cli.info_cmds:info", "Describe an exported folder and check its checksums.", ()),
+    "train": ("pvt_deploy.cli.train_cmds:train", "MMCR pretraining and fine-tuning.", ("train",)),
+    "bench": (
+        "pvt_deploy.cli.bench_cmds:bench",
+        "Benchmark PyTorch against onnxruntime variants.",
+        ("export", "bench"),
+    ),
+    "serve": (
+        "pvt_deploy.cli.serve_cmds:serve",
+        "HTTP inference service: JSON, KServe v2, a web page (torch-free).",
+        ("serve",),
+    ),
 }
+
+
+def missing_extra(command: str, exc: ModuleNotFoundError) -> MissingExtraError:
+    """One line naming the extra to install, for a third-party module that is not there. Our own modules missing
+    is a packaging bug and is re-raised as it is."""
+    missing = (exc.name or "").split(".")[0]
+    if not missing or missing == "pvt_deploy":
+        raise exc
+    extras = LAZY_COMMANDS.get(command, ("", "", ()))[2]
+    if not extras:
+        return MissingExtraError(f"`pvt-deploy {command}` needs {missing}, which is not installed")
+    spec = ",".join(extras)
+    noun = "extra" if len(extras) == 1 else "extras"
+    return MissingExtraError(
+        f"`pvt-deploy {command}` needs the [{spec}] {noun} ({missing} is not installed): "
+        f"pip install 'pvt-deploy[{spec}]'"
+    )
 
 
 class LazyGroup(click.Group):
@@ -42,14 +68,10 @@ class LazyGroup(click.Group):
             module_name, attribute = LAZY_COMMANDS[cmd_name][0].split(":")
             try:
                 module = importlib.import_module(module_name)
-            except ModuleNotFoundError as exc:
-                # e.g. `export` in a runtime-only install without torch; our own modules missing is a bug
-                missing = exc.name or "a module"
-                if missing.startswith("pvt_deploy"):
-                    raise
-                raise click.ClickException(
-                    f"'{cmd_name}' needs {missing}, which is not installed; install pvt-deploy[export]"
-                ) from None
+            except ModuleNotFoundError as exc:  # e.g. `export` in a runtime-only install without torch
+                error = missing_extra(cmd_name, exc)
+                click.echo(f"Error: {error}", err=True)
+                ctx.exit(error.exit_code)
             return getattr(module, attribute)
         return super().get_command(ctx, cmd_name)
 
@@ -64,6 +86,10 @@ class LazyGroup(click.Group):
         except PvtDeployError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except ModuleNotFoundError as exc:  # a command importing its extra's packages only when it runs
+            error = missing_extra(ctx.invoked_subcommand or "", exc)
+            click.echo(f"Error: {error}", err=True)
+            ctx.exit(error.exit_code)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from pvt_deploy.model.pvt_v2 import BIRDER_LAYER_NORM_EPS
+from pvt_deploy import hub
+from pvt_deploy.errors import DownloadError
 
 
 def _echo(message: str) -> None:
@@ -35,9 +36,7 @@ def _precision_list(value: str) -> list[str]:
 @click.option(
     "--layer-norm-eps",
     type=float,
-    default=BIRDER_LAYER_NORM_EPS,
-    show_default=True,
-    help="LayerNorm eps (birder 0.8.4 uses 1e-6; the published weights were trained with 1e-5).",
+    help="LayerNorm eps [birder 0.8.4's 1e-6; the published weights were trained with 1e-5].",
 )
 def export(
     source: str,
@@ -50,7 +49,7 @@ def export(
     precisions: str,
     calib_dir: Path | None,
     force: bool,
-    layer_norm_eps: float,
+    layer_norm_eps: float | None,
 ) -> None:
     """Export SOURCE (a checkpoint path or published name) to classify/embed/features ONNX graphs.
 
@@ -58,24 +57,41 @@ def export(
     before the folder appears; a failure leaves nothing behind."""
     from pvt_deploy.export.exporter import export_model
 
-    manifest = export_model(
-        source,
-        out_dir,
-        random_weights=random_weights,
-        network=network,
-        dynamic_size=dynamic_size,
-        opset=opset,
-        exporter=exporter,
-        precisions=_precision_list(precisions),
-        calib_dir=calib_dir,
-        force=force,
-        layer_norm_eps=layer_norm_eps,
-        progress=_echo,
-    )
+    options = {} if layer_norm_eps is None else {"layer_norm_eps": layer_norm_eps}
+    try:
+        manifest = export_model(
+            source,
+            out_dir,
+            random_weights=random_weights,
+            network=network,
+            dynamic_size=dynamic_size,
+            opset=opset,
+            exporter=exporter,
+            precisions=_precision_list(precisions),
+            calib_dir=calib_dir,
+            force=force,
+            progress=_echo,
+            **options,
+        )
+    except DownloadError as exc:
+        raise DownloadError(f"{exc}{_offline_hint(source)}") from None
     for name, record in manifest["files"].items():
         click.echo(f"  {name:24s} {record['size'] / 1e6:8.2f} MB  sha256 {record['sha256'][:16]}")
     if manifest["random_weights"]:
         click.echo("NOTE: random weights (untrained); the labels class_000.. are placeholders.")
+    suffix = "-random-weights" if manifest["random_weights"] else ""
+    folder = out_dir if out_dir is not None else Path("exported") / f"{manifest['model_name']}{suffix}"
+    click.echo(f"Next: pvt-deploy predict {folder} IMAGE")
+
+
+def _offline_hint(source: str) -> str:
+    """What to do when the hub cannot be reached: the same network offline, or a checkpoint already on disk."""
+    if source not in hub.PUBLISHED:
+        return ""
+    return (
+        f". Offline? Try `pvt-deploy export {source} --random-weights` (untrained, same network) "
+        "or pass a local checkpoint path"
+    )
 
 
 @click.command("verify")

@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 
 from pvt_deploy import __version__
-from pvt_deploy.errors import ExportError, ModelDirError, PvtDeployError
+from pvt_deploy.errors import ExportError, ModelDirError, OutputError, PvtDeployError
 from pvt_deploy.export import onnx_io, precision
 from pvt_deploy.export.graphs import reference_all, wrap
 from pvt_deploy.export.parity import GraphParity, output_metrics
@@ -232,9 +232,9 @@ def _versions() -> dict[str, str]:
 
 def _check_destination(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not force:
-        raise ExportError(f"{out_dir} already exists; pass --force to replace it")
+        raise OutputError(f"{out_dir} already exists; pass --force to replace it")
     if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a folder")
+        raise OutputError(f"{out_dir} exists and is not a folder")
 
 
 def _move_into_place(tmp_dir: Path, out_dir: Path, force: bool) -> None:
