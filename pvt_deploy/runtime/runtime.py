@@ -353,7 +353,8 @@ class Runtime:
         missing = [name for name in names if name not in session.output_names]
         if missing:
             raise ModelDirError(f"{self.model_dir}: the manifest's {graph} graph has no {', '.join(missing)} output")
-        batch_size = self.batch_size
+        # a graph that is not batch-invariant runs row by row, so no answer depends on its batch neighbours
+        batch_size = self.batch_size if self.manifest.entry(graph, self.precision).batch_invariant else 1
         sources: list[str] = []
         ok: list[bool] = []
         errors: list[ItemError] = []
