@@ -72,6 +72,7 @@ class MetadataKey:
     BIRDER_VERSION = "birder_version"
     PVT_DEPLOY_VERSION = "pvt_deploy_version"
     RANDOM_WEIGHTS = "random_weights"  # "true" when exported with --random-weights
+    BATCH_INVARIANT = "batch_invariant"  # "false" when a row's answer depends on its batch (run rows one by one)
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -147,7 +148,8 @@ class GraphEntry:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     batch_invariant: bool = True
-    """False when an image's answer depends on its batch-mates (the runtime then runs it row by row)."""
+    """False when a row's answer depends on the other rows of its batch (dynamic int8: one activation scale per
+    batch); the runtime then runs such a graph one row at a time."""
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -296,9 +298,18 @@ def _parse_graphs(model_dir: Path, raw: Any, files: dict[str, FileRecord]) -> di
                 name,
                 _parse_tensors(model_dir, f"{where}.inputs", inputs),
                 _parse_tensors(model_dir, f"{where}.outputs", outputs),
-                batch_invariant=entry.get("batch_invariant", True) is not False,
+                _batch_invariant(entry),
             )
     return graphs
+
+
+def _batch_invariant(entry: dict[str, Any]) -> bool:
+    """The variant's own statement, else what its method implies (exports before the flag: dynamic int8 is not)."""
+    variant = entry.get("variant") if isinstance(entry.get("variant"), dict) else {}
+    stated = variant.get("batch_invariant", entry.get("batch_invariant"))
+    if isinstance(stated, bool):
+        return stated
+    return variant.get("method") != "dynamic"
 
 
 def _parse_input(model_dir: Path, raw: Any) -> InputSpec:

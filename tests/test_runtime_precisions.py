@@ -58,3 +58,45 @@ def test_cli_predict_with_precision(variants_dir: Path, photo_paths: list[Path])
     expected = Runtime(variants_dir, device="cpu", precision="int8").predict(photo_paths[0])[0]
     got = json.loads(result.stdout)[0]["predictions"]
     assert [(p["label"], p["probability"]) for p in got] == expected
+
+
+def _alone_and_in_a_batch(runtime: Runtime, photos: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Each photo's (probabilities | embedding) when it is the only input, and when it shares a batch of 7."""
+    batch = [*photos, photos[0]][:7]
+    alone = np.stack([np.concatenate([*runtime.classify(p, return_embedding=True)], axis=1)[0] for p in batch])
+    together = np.concatenate([*runtime.classify(batch, return_embedding=True)], axis=1)
+    return alone, together
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "fp16"])
+def test_every_shipped_precision_is_batch_invariant(
+    variants_dir: Path, photo_paths: list[Path], precision: str
+) -> None:
+    """An image's answer never depends on the other images of its batch, at batch_size 8 (one call for all 7).
+    Dynamic int8 takes one activation scale per batch, so the runtime runs it row by row: exactly equal."""
+    runtime = Runtime(variants_dir, device="cpu", precision=precision, batch_size=8)
+    alone, together = _alone_and_in_a_batch(runtime, photo_paths)
+    if precision == "int8":
+        np.testing.assert_array_equal(together, alone)
+    else:
+        tolerance = {"fp32": 1e-5, "fp16": 1e-3}[precision]
+        np.testing.assert_allclose(together, alone, rtol=0, atol=tolerance)
+
+
+def test_dynamic_int8_graph_is_marked_and_really_depends_on_its_batch(
+    variants_dir: Path, photo_paths: list[Path]
+) -> None:
+    """The row-by-row rule is needed: the same graph fed a whole batch at once moves an image's answer."""
+    import onnxruntime as ort
+
+    manifest = json.loads((variants_dir / "manifest.json").read_text())
+    assert manifest["graphs"]["classify"]["int8"]["variant"]["batch_invariant"] is False
+    assert manifest["graphs"]["classify"]["fp16"]["variant"]["batch_invariant"] is True
+    runtime = Runtime(variants_dir, device="cpu", precision="int8")
+    assert runtime.manifest.entry("classify", "int8").batch_invariant is False
+    session = ort.InferenceSession(str(variants_dir / "classify.int8.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map["batch_invariant"] == "false"
+    batch = runtime.preprocess([*photo_paths, photo_paths[0]][:7])
+    together = session.run(["logits"], {"input": batch})[0]
+    alone = np.concatenate([session.run(["logits"], {"input": row[None]})[0] for row in batch])
+    assert np.abs(together - alone).max() > 0

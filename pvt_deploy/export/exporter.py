@@ -448,7 +448,9 @@ def _make_variant(
         raise ExportError(
             f"{graph}: making the {precision_name} variant failed: {type(exc).__name__}: {onnx_io.first_line(exc)}"
         ) from exc
-    onnx_io.set_metadata(out_path, graph_metadata(source, graph, precision_name, dynamic_size))
+    metadata = graph_metadata(source, graph, precision_name, dynamic_size)
+    metadata[MetadataKey.BATCH_INVARIANT] = json.dumps(bool((description or {}).get("batch_invariant", True)))
+    onnx_io.set_metadata(out_path, metadata)
     onnx_io.check_graph(out_path)
     result = sweep_parity(out_path, graph, precision_name, cache, cases)
     if not result.passed:

@@ -254,6 +254,7 @@ def make_variant(
         description = _convert_fp16(fp32_path, out_path)
     else:
         raise ExportError(f"no variant maker for precision {precision!r} (int8, fp16)")
+    description.setdefault("batch_invariant", True)
     _copy_metadata(fp32_path, out_path, precision)
     return description
 
@@ -395,6 +396,9 @@ def _quantize_dynamic(fp32_path: Path, out_path: Path) -> dict[str, Any]:
             raise ExportError(f"{fp32_path.name}: int8 dynamic quantization failed: {exc}") from None
     return {
         "method": "dynamic",
+        # DynamicQuantizeLinear takes one activation scale for the whole batch, so an image's answer would depend
+        # on its neighbours (1.5e-2 on b2's logits between batch 1 and 6): the runtime runs it row by row
+        "batch_invariant": False,
         "per_channel": True,
         "weights": "int8",
         "op_types": ["MatMul", "Gemm"],

@@ -353,6 +353,7 @@ class Runtime:
         missing = [name for name in names if name not in session.output_names]
         if missing:
             raise ModelDirError(f"{self.model_dir}: the manifest's {graph} graph has no {', '.join(missing)} output")
+        # a graph that is not batch-invariant runs row by row, so no answer depends on its batch neighbours
         batch_size = self.batch_size if self.graph_entry(graph).batch_invariant else 1
         sources: list[str] = []
         ok: list[bool] = []
