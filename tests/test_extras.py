@@ -13,14 +13,12 @@ import pytest
 import tomllib
 from click.testing import CliRunner
 
-from pvt_deploy.cli import LAZY_COMMANDS, cli
+from pvt_deploy.cli import LAZY_COMMANDS, cli, distribution_of
 from pvt_deploy.errors import MissingExtraError
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "pvt_deploy"
 
-# import name -> distribution name, where they differ
-DISTRIBUTION_OF = {"PIL": "pillow", "sklearn": "scikit-learn", "onnxruntime": "onnxruntime-gpu"}
 # packages used only when a user picks them by name, with their own one-line error when absent
 OPT_IN = {"onnxslim": "export --simplifier onnxslim (onnx_io wraps its absence in an ExportError line)"}
 
@@ -111,7 +109,7 @@ def test_command_imports_are_covered_by_its_extras(command: str) -> None:
     uncovered = {
         package: where
         for package, where in needed.items()
-        if package not in OPT_IN and DISTRIBUTION_OF.get(package, package).lower().replace("_", "-") not in allowed
+        if package not in OPT_IN and distribution_of(package) not in allowed
     }
     assert not uncovered, f"`pvt-deploy {command}` imports packages outside its extras {extras}: {uncovered}"
 
@@ -136,8 +134,7 @@ def test_missing_package_is_one_line_naming_the_extra(monkeypatch: pytest.Monkey
     result = CliRunner().invoke(cli, ["bench", "somewhere"])
     assert result.exit_code == MissingExtraError.exit_code == 11
     assert result.output.strip().splitlines() == [
-        "Error: `pvt-deploy bench` needs the [export,bench] extras (psutil is not installed): "
-        "pip install 'pvt-deploy[export,bench]'"
+        "Error: `pvt-deploy bench` needs the [bench] extra (psutil is not installed): pip install 'pvt-deploy[bench]'"
     ]
 
 

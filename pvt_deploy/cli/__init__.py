@@ -7,6 +7,8 @@ load torch or onnx. Every ``PvtDeployError`` becomes one ``Error: ...`` line on 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import re
 import sys
 from typing import Any
 
@@ -35,9 +37,32 @@ LAZY_COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "serve": (
         "pvt_deploy.cli.serve_cmds:serve",
         "HTTP inference service: JSON, KServe v2, a web page (torch-free).",
-        ("serve",),
+        ("serve", "ray"),
     ),
 }
+
+
+DISTRIBUTION_OF = {"PIL": "pillow", "sklearn": "scikit-learn", "onnxruntime": "onnxruntime-gpu"}
+"""Import name -> distribution name, where they differ (else ``_`` becomes ``-``)."""
+
+
+def distribution_of(module: str) -> str:
+    return DISTRIBUTION_OF.get(module, module).lower().replace("_", "-")
+
+
+def _extras_listing(distribution: str, extras: tuple[str, ...]) -> tuple[str, ...]:
+    """Which of ``extras`` require ``distribution``, from the installed package's own metadata."""
+    try:
+        requirements = importlib.metadata.requires("pvt-deploy") or []
+    except importlib.metadata.PackageNotFoundError:
+        return ()
+    found = []
+    for requirement in requirements:
+        name = re.split(r"[\s<>=!~\[;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        extra = re.search(r"extra\s*==\s*[\"']([^\"']+)", requirement)
+        if name == distribution and extra and extra.group(1) in extras and extra.group(1) not in found:
+            found.append(extra.group(1))
+    return tuple(found)
 
 
 def missing_extra(command: str, exc: ModuleNotFoundError) -> MissingExtraError:
@@ -46,7 +71,8 @@ def missing_extra(command: str, exc: ModuleNotFoundError) -> MissingExtraError:
     missing = (exc.name or "").split(".")[0]
     if not missing or missing == "pvt_deploy":
         raise exc
-    extras = LAZY_COMMANDS.get(command, ("", "", ()))[2]
+    declared = LAZY_COMMANDS.get(command, ("", "", ()))[2]
+    extras = _extras_listing(distribution_of(missing), declared) or declared
     if not extras:
         return MissingExtraError(f"`pvt-deploy {command}` needs {missing}, which is not installed")
     spec = ",".join(extras)
