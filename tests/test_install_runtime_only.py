@@ -85,6 +85,7 @@ def _real_calls(model_dir: Path, work: Path) -> dict[str, tuple[list[str], int]]
         "info": (["info", str(model_dir)], 0),
         "train": (["train", "mmcr", str(work), "--out", str(work / "run")], MissingExtraError.exit_code),
         "bench": (["bench", str(model_dir), "--quick"], MissingExtraError.exit_code),
+        "serve": (["serve", str(model_dir)], MissingExtraError.exit_code),
     }
 
 
