@@ -73,3 +73,9 @@ class DeviceError(PvtDeployError):
     """``device="cuda"`` was asked for but onnxruntime cannot run on a CUDA device here."""
 
     exit_code = 10
+
+
+class SearchIndexError(PvtDeployError):
+    """A search store is missing or unusable, or its source holds no embeddings."""
+
+    exit_code = 12

@@ -27,6 +27,9 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("pvt_deploy.cli.info_cmds:info", "Describe an exported folder and check its checksums."),
     "train": ("pvt_deploy.cli.train_cmds:train", "MMCR pretraining and fine-tuning."),
     "bench": ("pvt_deploy.cli.bench_cmds:bench", "Benchmark PyTorch against onnxruntime variants."),
+    "index": ("pvt_deploy.cli.search_cmds:index", "Build a search store (LanceDB) from embeddings."),
+    "search": ("pvt_deploy.cli.search_cmds:search", "Nearest stored images for query images."),
+    "duplicates": ("pvt_deploy.cli.search_cmds:duplicates", "Near-duplicate pairs in a search store."),
 }
 
 
