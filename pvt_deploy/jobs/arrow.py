@@ -56,7 +56,7 @@ def write_parquet(
     dim: int | None,
 ) -> None:
     table_schema = schema(
-        run_info["task"], dim, bool(run_info.get("top_k")), bool(run_info.get("random_weights"))
+        run_info["task"], dim, bool(run_info["options"].get("top_k")), bool(run_info.get("random_weights"))
     ).with_metadata({PARQUET_METADATA_KEY: json.dumps(run_info).encode("utf-8")})
     with pq.ParquetWriter(str(path), table_schema) as writer:
         for rows, embeddings in parts:

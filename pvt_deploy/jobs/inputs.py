@@ -41,12 +41,18 @@ def read_path_list(source: str, stdin: TextIO | None = None) -> list[str]:
 def collect_inputs(paths: Sequence[str], from_list: Sequence[str] = (), stdin: TextIO | None = None) -> list[str]:
     """Expand ``paths`` (files as given, folders walked, globs matched) and append the ``from_list`` files' lines.
 
-    A glob that matches nothing is an error (a typo would otherwise run an empty job); so is no input at all."""
+    A glob that matches nothing is an error (a typo would otherwise run an empty job); so is no input at all. A
+    folder without images stays in the list, to fail as a row, unless nothing else was given."""
     found: list[str] = []
+    empty_folders: list[str] = []
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            found.extend(_walk(path))
+            images = _walk(path)
+            if not images:  # kept as a row of its own ("is a folder"), never silently dropped
+                empty_folders.append(given)
+                images = [given]
+            found.extend(images)
         elif not path.exists() and _GLOB_CHARACTERS & set(given):
             matches = sorted(glob.glob(given, recursive=True))
             files = [m for m in matches if not Path(m).is_dir()]
@@ -57,7 +63,7 @@ def collect_inputs(paths: Sequence[str], from_list: Sequence[str] = (), stdin: T
             found.append(given)
     for source in from_list:
         found.extend(read_path_list(source, stdin))
-    if not found:
+    if len(empty_folders) == len(found):
         described = ", ".join([*paths, *(f"--from-list {s}" for s in from_list)]) or "the arguments"
         raise ImageError(f"no images found in {described} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
     return found

@@ -151,6 +151,8 @@ def _resume_or_start(
             )
         parts = store.completed_parts()
         events.note(f"Resuming: {parts[-1].stop if parts else 0} of {len(inputs)} inputs already done")
+        for part in parts:  # the final report stays complete: earlier failures are reported again
+            events.part(part)
         return parts
     if resume:
         events.note(f"Nothing to resume in {store.work}; starting a new run")

@@ -244,7 +244,8 @@ class JobStore:
         del matrix
         (folder / "paths.txt").write_text("".join(p + "\n" for p in paths), encoding="utf-8")
         (folder / "errors.json").write_text(json.dumps(errors, indent=1) + "\n", encoding="utf-8")
-        (folder / RUN_NAME).write_text(json.dumps(run_info, indent=1) + "\n", encoding="utf-8")
+        info = {**run_info, "rows": ok}  # rows of embeddings.npy; the failed inputs are in errors.json
+        (folder / RUN_NAME).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
     def _write_npz_folder(self, folder: Path, parts: list[Part], run_info: dict[str, Any], dim: int | None) -> None:
         with open(folder / "index.jsonl", "w", encoding="utf-8") as handle:
