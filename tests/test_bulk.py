@@ -194,7 +194,7 @@ def test_sigkill_then_resume_is_bit_equal(model_dir: Path, photo_paths: list[Pat
     listing.write_text("".join(f"{p}\n" for p in photo_paths * 4))  # 24 rows
     reference = tmp_path / "reference.parquet"
     command = [sys.executable, "-m", "pvt_deploy", "embed", str(model_dir), "--from-list", str(listing),
-               "--device", "cpu", "--threads", "1", "--chunk-size", "2", "-q"]  # fmt: skip
+               "--device", "cpu", "--threads", "1", "--chunk-size", "2"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     assert subprocess.run([*command, "--out", str(reference)], env=env, capture_output=True).returncode == 0
     out = tmp_path / "killed.parquet"
