@@ -75,6 +75,12 @@ class DeviceError(PvtDeployError):
     exit_code = 10
 
 
+class SearchIndexError(PvtDeployError):
+    """A search store is missing or unusable, or its source holds no embeddings."""
+
+    exit_code = 12
+
+
 class MissingExtraError(PvtDeployError):
     """A command needs an optional extra (torch for export, psutil for bench, ...) that is not installed."""
 
@@ -94,6 +100,7 @@ EXIT_CODES: dict[int, str] = {
     TrainingError.exit_code: "training cannot start or continue",
     DeviceError.exit_code: "CUDA asked for but not usable",
     MissingExtraError.exit_code: "the command needs an optional extra that is not installed",
+    SearchIndexError.exit_code: "search store missing or unusable",
     130: "interrupted (Ctrl-C)",
 }
 """Every exit code the CLI uses, the one table the docs are checked against (tests/test_exit_codes.py)."""

@@ -12,7 +12,7 @@ from click.testing import CliRunner, Result
 
 from pvt_deploy import Runtime
 from pvt_deploy.cli import cli
-from pvt_deploy.runtime.embed_store import partial_dir
+from pvt_deploy.jobs.store import partial_dir
 from tests.test_runtime import EXPECTED_REASON, bad_corpus
 
 
@@ -145,17 +145,19 @@ def test_embed_resume_after_interruption(
     def interrupted(self: Runtime, images: list[str], **kwargs: object) -> object:
         if len(calls) == 2:  # Ctrl-C while computing the third chunk
             raise KeyboardInterrupt
-        calls.append(list(images))
+        images = list(images)  # jobs pass a generator (progress moves as the runtime pulls each image)
+        calls.append(images)
         return original(self, images, **kwargs)
 
     monkeypatch.setattr(Runtime, "embed", interrupted)
     out = tmp_path / "out"
     result = invoke("embed", model_dir, image_tree, "--out", out, "--device", "cpu", "--chunk-size", 3)
-    assert result.exit_code == 130 and "Interrupted" in result.stderr
+    assert result.exit_code == 130
+    assert "interrupted after 6 of 9 inputs" in result.stderr and "--resume" in result.stderr
     assert not out.exists()  # nothing half-written where the result goes
     work = partial_dir(out)
-    assert sorted(p.name for p in work.glob("chunk-*.json")) == ["chunk-000000.json", "chunk-000001.json"]
-    (work / ".chunk-000002.npy.999.tmp").write_bytes(b"half a chunk")  # what a kill mid-write leaves
+    assert sorted(p.name for p in work.glob("part-*.json")) == ["part-000000.json", "part-000001.json"]
+    (work / ".part-000002.npy.999.tmp").write_bytes(b"half a part")  # what a kill mid-write leaves
 
     result = invoke("embed", model_dir, image_tree, "--out", out, "--device", "cpu")
     assert result.exit_code == 1 and "--resume" in result.stderr  # never silently restarts or mixes runs
@@ -164,7 +166,8 @@ def test_embed_resume_after_interruption(
     resumed: list[list[str]] = []
 
     def counting(self: Runtime, images: list[str], **kwargs: object) -> object:
-        resumed.append(list(images))
+        images = list(images)
+        resumed.append(images)
         return original(self, images, **kwargs)
 
     monkeypatch.setattr(Runtime, "embed", counting)
@@ -186,7 +189,7 @@ def test_embed_resume_rejects_changed_inputs(model_dir: Path, image_tree: Path, 
     work.mkdir()
     (work / "plan.json").write_text(json.dumps({"inputs": ["other.jpg"], "model": {}, "chunk_size": 3}))
     result = invoke("embed", model_dir, image_tree, "--out", out, "--device", "cpu", "--resume")
-    assert result.exit_code == 1 and "another model" in result.stderr
+    assert result.exit_code == 1 and "holds a run with other" in result.stderr and "model" in result.stderr
 
 
 def test_embed_missing_paths_are_reported_not_dropped(model_dir: Path, photo_paths: list[Path], tmp_path: Path) -> None:
@@ -246,22 +249,32 @@ def test_embed_with_no_images_found(model_dir: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_embed_store_keeps_only_whole_chunks(tmp_path: Path) -> None:
-    """A kill between a chunk's .npy and its .json (or mid-write) leaves that chunk to be recomputed, nothing more."""
-    from pvt_deploy.runtime.embed_store import Chunk, EmbedStore
+def test_job_store_keeps_only_whole_parts(tmp_path: Path) -> None:
+    """A kill between a part's .npy and its .json (or mid-write) leaves that part to be recomputed, nothing more."""
+    from pvt_deploy.jobs.store import JobStore, Part
 
-    store = EmbedStore(tmp_path / "out")
-    store.start(["a", "b", "c", "d"], {"model": 1}, chunk_size=2)
-    store.write_chunk(Chunk(0, 0, 2, ["a"], [{"path": "b", "error": "b: bad"}]), np.ones((1, 3), np.float32))
-    store.write_chunk(Chunk(1, 2, 4, ["c", "d"], []), np.zeros((2, 3), np.float32))
-    (store.work / "chunk-000001.json").unlink()  # killed after the .npy, before the .json
-    (store.work / ".chunk-000002.npy.1.tmp").write_bytes(b"partial")
-    chunks = store.completed_chunks()
-    assert [(c.index, c.start, c.stop, c.paths) for c in chunks] == [(0, 0, 2, ["a"])]
-    assert sorted(p.name for p in store.work.iterdir()) == ["chunk-000000.json", "chunk-000000.npy", "plan.json"]
-    assert store.plan()["inputs"] == ["a", "b", "c", "d"]
-    store.write_chunk(Chunk(1, 2, 4, ["c", "d"], []), np.zeros((2, 3), np.float32))
-    out = store.finalize(store.completed_chunks(), 3, {"model": 1}, overwrite=False)
+    def row(index: int, path: str, error: str | None = None) -> dict:
+        return {"index": index, "path": path, "status": "error" if error else "ok", "error": error}
+
+    store = JobStore(tmp_path / "out")
+    store.start({"chunk_size": 2}, ["a", "b", "c", "d"])
+    store.write_part(
+        Part(0, 0, 2, [row(0, "a"), row(1, "b", "b: bad")]), np.array([[1, 1, 1], [np.nan] * 3], np.float32)
+    )
+    store.write_part(Part(1, 2, 4, [row(2, "c"), row(3, "d")]), np.zeros((2, 3), np.float32))
+    (store.work / "part-000001.json").unlink()  # killed after the .npy, before the .json
+    (store.work / ".part-000002.npy.1.tmp").write_bytes(b"partial")
+    parts = store.completed_parts()
+    assert [(p.index, p.start, p.stop, [r["path"] for r in p.rows]) for p in parts] == [(0, 0, 2, ["a", "b"])]
+    assert sorted(p.name for p in store.work.iterdir()) == [
+        "inputs.txt",
+        "part-000000.json",
+        "part-000000.npy",
+        "plan.json",
+    ]
+    assert store.plan()["chunk_size"] == 2
+    store.write_part(Part(1, 2, 4, [row(2, "c"), row(3, "d")]), np.zeros((2, 3), np.float32))
+    out = store.finalize(store.completed_parts(), "npy", {"task": "embed"}, 3)
     assert (out / "paths.txt").read_text() == "a\nc\nd\n"
     np.testing.assert_array_equal(np.load(out / "embeddings.npy"), [[1, 1, 1], [0, 0, 0], [0, 0, 0]])
     assert json.loads((out / "errors.json").read_text()) == [{"path": "b", "error": "b: bad"}]

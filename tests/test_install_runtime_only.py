@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pvt_deploy.cli import LAZY_COMMANDS
-from pvt_deploy.errors import DownloadError, MissingExtraError
+from pvt_deploy.errors import DownloadError, MissingExtraError, SearchIndexError
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = REPO / "tests" / "data" / "photos" / "chelsea.png"
@@ -22,7 +22,7 @@ PHOTO = REPO / "tests" / "data" / "photos" / "chelsea.png"
 pytestmark = pytest.mark.slow
 
 # The packages a CPU-only service installs instead of the default onnxruntime-gpu (docs/runtime.md, "Install").
-CPU_ONLY_REQUIREMENTS = ["onnxruntime", "numpy", "pillow", "click"]
+CPU_ONLY_REQUIREMENTS = ["onnxruntime", "numpy", "pillow", "click", "tqdm"]
 
 
 def _closed_port() -> int:
@@ -86,6 +86,9 @@ def _real_calls(model_dir: Path, work: Path) -> dict[str, tuple[list[str], int]]
         "train": (["train", "mmcr", str(work), "--out", str(work / "run")], MissingExtraError.exit_code),
         "bench": (["bench", str(model_dir), "--quick"], MissingExtraError.exit_code),
         "serve": (["serve", str(model_dir)], MissingExtraError.exit_code),
+        "index": (["index", "build", str(work / "emb"), "--db", str(work / "db")], MissingExtraError.exit_code),
+        "search": (["search", "--db", str(work / "no-db"), str(PHOTO)], SearchIndexError.exit_code),
+        "duplicates": (["duplicates", "--db", str(work / "no-db")], SearchIndexError.exit_code),
     }
 
 

@@ -24,9 +24,17 @@ LAZY_COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "download": ("pvt_deploy.cli.model_cmds:download", "Download a published checkpoint into the cache.", ()),
     "export": ("pvt_deploy.cli.export_cmds:export", "Export a checkpoint to verified ONNX graphs.", ("export",)),
     "verify": ("pvt_deploy.cli.export_cmds:verify", "Compare an exported folder with PyTorch.", ("export",)),
-    "predict": ("pvt_deploy.cli.runtime_cmds:predict", "Top-k labels for images (torch-free).", ()),
-    "embed": ("pvt_deploy.cli.runtime_cmds:embed", "Write embeddings for files or folders (torch-free).", ()),
-    "features": ("pvt_deploy.cli.runtime_cmds:features", "Write stage1..stage4 feature maps (torch-free).", ()),
+    "predict": ("pvt_deploy.cli.runtime_cmds:predict", "Top-k labels for images (torch-free).", ("bulk", "ray")),
+    "embed": (
+        "pvt_deploy.cli.runtime_cmds:embed",
+        "Embeddings of many images, resumable (torch-free).",
+        ("bulk", "ray"),
+    ),
+    "features": (
+        "pvt_deploy.cli.runtime_cmds:features",
+        "Write stage1..stage4 feature maps (torch-free).",
+        ("bulk", "ray"),
+    ),
     "info": ("pvt_deploy.cli.info_cmds:info", "Describe an exported folder and check its checksums.", ()),
     "train": ("pvt_deploy.cli.train_cmds:train", "MMCR pretraining and fine-tuning.", ("train",)),
     "bench": (
@@ -39,6 +47,9 @@ LAZY_COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "HTTP inference service: JSON, KServe v2, a web page (torch-free).",
         ("serve", "ray"),
     ),
+    "index": ("pvt_deploy.cli.search_cmds:index", "Build a search store (LanceDB) from embeddings.", ("bulk",)),
+    "search": ("pvt_deploy.cli.search_cmds:search", "Nearest stored images for query images.", ("bulk",)),
+    "duplicates": ("pvt_deploy.cli.search_cmds:duplicates", "Near-duplicate pairs in a search store.", ("bulk",)),
 }
 
 

@@ -1,32 +1,43 @@
-"""``predict``, ``embed`` and ``features``: the torch-free commands over an exported folder.
+"""``predict``, ``embed`` and ``features``: the torch-free commands over an exported folder, for one image or
+millions. Argument parsing and printing only; the job itself is ``pvt_deploy.jobs``.
 
-Exit codes: 0 all good; 4 (``ImageError``) some inputs failed, each named on stderr, the good ones still answered or
-written; 5 (``ModelDirError``) the folder is missing, incomplete or fails its checksums; 10 (``DeviceError``) CUDA
-was asked for and is not usable; 1 an output location in the way; 2 bad options (click).
+Exit codes: 0 all good (or a ``--resume`` of a finished job); 4 (``ImageError``) some inputs failed, each named on
+stderr and kept as a row with its error; 5 (``ModelDirError``) the folder is missing, invalid or fails its
+checksums; 10 (``DeviceError``) CUDA was asked for and is not usable; 1 an output in the way (exists, locked by
+another run, or an unfinished run without ``--resume``); 2 bad options (click); 130 interrupted (resume with
+``--resume``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
-from pvt_deploy import __version__
 from pvt_deploy.errors import ImageError, OutputError
-from pvt_deploy.preprocess import IMAGE_EXTENSIONS  # what embed picks up when walking a folder
-from pvt_deploy.runtime.embed_store import Chunk, EmbedStore, atomic_write_bytes
-from pvt_deploy.runtime.results import BatchResult
+from pvt_deploy.jobs import (
+    DEFAULT_CHUNK_SIZE,
+    ENGINES,
+    JobEvents,
+    JobSpec,
+    Part,
+    collect_inputs,
+    iter_parts,
+    prediction_lines,
+    prediction_record,
+    run_job,
+)
+from pvt_deploy.jobs.store import atomic_write_bytes
 from pvt_deploy.runtime.runtime import Runtime
 from pvt_deploy.runtime.sessions import DEVICES
-
-DEFAULT_CHUNK_SIZE = 256
 
 
 def _runtime_options(func: Any) -> Any:
@@ -35,6 +46,58 @@ def _runtime_options(func: Any) -> Any:
         click.option("--precision", default="fp32", show_default=True, help="An exported precision (fp32, int8...)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Micro-batch size."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads."),
+        click.option(
+            "--exif-transpose",
+            is_flag=True,
+            help="Rotate images per their EXIF orientation first (phone photos; birder does not). Recorded.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _input_options(func: Any) -> Any:
+    options = [
+        click.option(
+            "--from-list",
+            "from_list",
+            multiple=True,
+            metavar="FILE",
+            help="Also read paths from FILE, one a line ('-' for standard input). Repeatable.",
+        ),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar or notices (errors still print)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _job_options(func: Any) -> Any:
+    options = [
+        click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT.partial (done work is kept)."),
+        click.option("--overwrite", is_flag=True, help="Replace OUT (or an interrupted run) if there is one."),
+        click.option(
+            "--chunk-size",
+            type=click.IntRange(min=1),
+            default=DEFAULT_CHUNK_SIZE,
+            show_default=True,
+            help="Inputs per saved part (the most work an interruption can lose).",
+        ),
+        click.option(
+            "--engine",
+            type=click.Choice(ENGINES),
+            default="local",
+            show_default=True,
+            help="'ray': a Ray Data pipeline (decode tasks + an actor pool), on ADDRESS or a local Ray.",
+        ),  # fmt: skip
+        click.option("--address", default=None, help="With --engine ray: the Ray cluster to join."),
+        click.option(
+            "--actors",
+            type=click.IntRange(min=1),
+            default=None,
+            help="With --engine ray: Runtime actors [one per CPU].",
+        ),  # fmt: skip
     ]
     for option in reversed(options):
         func = option(func)
@@ -43,7 +106,7 @@ def _runtime_options(func: Any) -> Any:
 
 @contextlib.contextmanager
 def _warnings_as_lines() -> Iterator[None]:
-    """Runtime warnings (e.g. the CPU fallback) become one ``Warning: ...`` line instead of a Python warning."""
+    """Runtime warnings become one ``Warning: ...`` line instead of a Python warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("default")
 
@@ -54,13 +117,69 @@ def _warnings_as_lines() -> Iterator[None]:
         yield
 
 
-def _open_runtime(model_dir: Path, device: str, precision: str, batch_size: int | None, threads: int | None) -> Runtime:
-    return Runtime(model_dir, device=device, precision=precision, threads=threads, batch_size=batch_size)
+def _open_runtime(model_dir: Path, options: dict[str, Any]) -> Runtime:
+    return Runtime(
+        model_dir,
+        device=options["device"],
+        precision=options["precision"],
+        threads=options["threads"],
+        batch_size=options["batch_size"],
+        exif_transpose=options["exif_transpose"],
+    )
 
 
-def _report_errors(result: BatchResult[Any]) -> None:
-    for error in result.errors:
-        click.echo(f"Error: {error}", err=True)
+class _Progress:
+    """Per-image counts, rate and ETA on stderr (tqdm), only on a terminal and without --quiet."""
+
+    def __init__(self, label: str, quiet: bool) -> None:
+        self.label = label
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.quiet = quiet
+        self.bar: Any = None
+
+    def start(self, total: int, done: int) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc=self.label, unit="img", file=sys.stderr, dynamic_ncols=True)
+
+    def advance(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def echo(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            click.echo(text, err=True)
+
+    def stdout(self, text: str) -> None:
+        """Answers go to stdout; the bar (on stderr) is cleared around them so the two never interleave."""
+        if self.bar is not None:
+            self.bar.clear()
+        click.echo(text)
+        if self.bar is not None:
+            self.bar.refresh()
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self.echo(text)
+
+    def report_failures(self, part: Part) -> None:
+        for row in part.failed:
+            self.echo(f"Error: {row['error']}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def events(self, on_part: Callable[[Part], None] | None = None) -> JobEvents:
+        def part_done(part: Part) -> None:
+            self.report_failures(part)
+            if on_part is not None:
+                on_part(part)
+
+        return JobEvents(start=self.start, advance=self.advance, part=part_done, note=self.note)
 
 
 def _fail_if_any(failed: int, total: int) -> None:
@@ -68,229 +187,151 @@ def _fail_if_any(failed: int, total: int) -> None:
         raise ImageError(f"{failed} of {total} inputs failed (listed above)")
 
 
-@click.command()
-@click.argument("model_dir", type=click.Path(path_type=Path))
-@click.argument("images", nargs=-1, required=True)
-@click.option("--top-k", "-k", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-@_runtime_options
-def predict(
-    model_dir: Path,
-    images: tuple[str, ...],
-    top_k: int,
-    as_json: bool,
-    device: str,
-    precision: str,
-    batch_size: int | None,
-    threads: int | None,
+def _run_to_file(
+    runtime: Runtime, spec: JobSpec, inputs: list[str], out: Path, label: str, quiet: bool, job: dict[str, Any]
 ) -> None:
-    """Top-k labels for each IMAGE, in the order given. Bad images are named on stderr (exit 4); the rest are
-    still answered."""
-    with _warnings_as_lines():
-        runtime = _open_runtime(model_dir, device, precision, batch_size, threads)
-        top_k = min(top_k, len(runtime.labels))
-        result = runtime.predict(list(images), top_k=top_k, on_error="collect")
-    assert isinstance(result, BatchResult)
-    errors = {error.index: str(error) for error in result.errors}
-    if as_json:
-        records = []
-        for index, (path, answer) in enumerate(zip(images, result.value, strict=True)):
-            if answer is None:
-                records.append({"image": path, "error": errors[index]})
-            else:
-                records.append(
-                    {"image": path, "predictions": [{"label": label, "probability": p} for label, p in answer]}
-                )
-        click.echo(json.dumps(records, indent=1))
-    else:
-        for path, answer in zip(images, result.value, strict=True):
-            if answer is None:
-                continue
-            click.echo(path)
-            for label, probability in answer:
-                click.echo(f"  {probability:.6f}  {label}")
-    _report_errors(result)
-    _fail_if_any(len(result.errors), len(images))
-
-
-def collect_inputs(paths: tuple[str, ...]) -> list[str]:
-    """Files as given; folders walked recursively (sorted, image extensions only). A missing path stays in the
-    list so it is reported as a failed input, not dropped."""
-    found: list[str] = []
-    for given in paths:
-        path = Path(given)
-        if path.is_dir():
-            files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()]
-            found.extend(str(p) for p in sorted(files, key=lambda p: p.as_posix()))
-        else:
-            found.append(given)
-    return found
-
-
-def _model_identity(runtime: Runtime) -> dict[str, Any]:
-    graph_file = runtime.graph_entry(runtime.embedding_graph).file
-    return {
-        "model_dir": str(runtime.model_dir.resolve()),
-        "model_name": runtime.manifest.get("model_name"),
-        "graph": graph_file,
-        "graph_sha256": runtime.manifest.files[graph_file].sha256,
-        "precision": runtime.precision,
-    }
+    progress = _Progress(label, quiet)
+    try:
+        result = run_job(
+            runtime,
+            spec,
+            inputs,
+            out,
+            resume=job["resume"],
+            overwrite=job["overwrite"],
+            chunk_size=job["chunk_size"],
+            engine=job["engine"],
+            ray_address=job["address"],
+            ray_actors=job["actors"],
+            events=progress.events(),
+        )
+    finally:
+        progress.close()
+    if result.already_complete:
+        click.echo(f"{out} is already complete ({result.rows} rows); nothing to do", err=True)
+        return
+    untrained = " (RANDOM WEIGHTS: untrained, answers are meaningless)" if runtime.manifest.random_weights else ""
+    failed = f"; {len(result.failed)} failed" if result.failed else ""
+    click.echo(f"Wrote {result.rows} rows to {out}{failed}{untrained}", err=True)
+    _fail_if_any(len(result.failed), result.rows)
 
 
 @click.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.argument("paths", nargs=-1, required=True)
+@click.argument("images", nargs=-1)
+@click.option("--top-k", "-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (without --out).")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Write rows to .jsonl, .csv or .parquet instead.")
+@_input_options
+@_job_options
+@_runtime_options
+def predict(model_dir: Path, images: tuple[str, ...], top_k: int, as_json: bool, out: Path | None,
+            from_list: tuple[str, ...], quiet: bool, **options: Any) -> None:  # fmt: skip
+    """Top-k labels for each IMAGE (files, folders, globs, --from-list), in order. Without --out, answers print
+    as each chunk finishes; bad images are named on stderr (exit 4) and the rest are still answered."""
+    job = {key: options.pop(key) for key in ("resume", "overwrite", "chunk_size", "engine", "address", "actors")}
+    with _warnings_as_lines():
+        inputs = collect_inputs(images, from_list)
+        runtime = _open_runtime(model_dir, options)
+        spec = JobSpec("predict", top_k=min(top_k, len(runtime.labels)))
+        if out is not None:
+            _run_to_file(runtime, spec, inputs, out, "predict", quiet, job)
+            return
+        if job["engine"] != "local" or job["resume"]:
+            raise click.UsageError("--engine ray and --resume need --out")
+        _predict_to_stdout(runtime, spec, inputs, as_json, quiet, job["chunk_size"])
+
+
+def _predict_to_stdout(runtime: Runtime, spec: JobSpec, inputs: list[str], as_json: bool, quiet: bool,
+                       chunk_size: int) -> None:  # fmt: skip
+    untrained = runtime.manifest.random_weights
+    progress = _Progress("predict", quiet)
+    progress.start(len(inputs), 0)
+    records, failed = [], 0
+    try:
+        if untrained and not as_json:
+            click.echo("# RANDOM WEIGHTS (untrained): these answers are meaningless")
+        for part in iter_parts(runtime, spec, inputs, chunk_size, progress.advance):
+            progress.report_failures(part)
+            failed += len(part.failed)
+            if as_json:
+                records.extend(prediction_record(row, untrained) for row in part.rows)
+                continue
+            lines = [line for row in part.rows if row["status"] == "ok" for line in prediction_lines(row)]
+            if lines:
+                progress.stdout("\n".join(lines))
+    finally:
+        progress.close()
+    if as_json:
+        click.echo(json.dumps(records, indent=1))
+    _fail_if_any(failed, len(inputs))
+
+
+@click.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1)
 @click.option(
     "--out",
     "-o",
     type=click.Path(path_type=Path),
     required=True,
-    help="Output folder (refused if it exists, unless --overwrite).",
+    help="embeddings.parquet, .jsonl, or a folder (embeddings.npy + paths.txt + errors.json + run.json).",
 )
-@click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT.partial without redoing work.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it already exists.")
-@click.option(
-    "--chunk-size",
-    type=click.IntRange(min=1),
-    default=DEFAULT_CHUNK_SIZE,
-    show_default=True,
-    help="Inputs per saved chunk (the most work an interruption can lose).",
-)
-@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
+@click.option("--normalize", is_flag=True, help="L2-normalise the embeddings (default: birder's raw embedding).")
+@click.option("--top-k", "-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also store the top-k labels and probabilities of each image (Parquet / JSONL).")  # fmt: skip
+@_input_options
+@_job_options
 @_runtime_options
-def embed(
-    model_dir: Path,
-    paths: tuple[str, ...],
-    out: Path,
-    resume: bool,
-    overwrite: bool,
-    chunk_size: int,
-    progress: bool | None,
-    device: str,
-    precision: str,
-    batch_size: int | None,
-    threads: int | None,
-) -> None:
-    """Embeddings for files and folders (recursively) into OUT/: embeddings.npy (N, D) float32, paths.txt (row i's
-    source), errors.json (inputs that failed) and run.json. Interrupted runs resume with --resume."""
+def embed(model_dir: Path, paths: tuple[str, ...], out: Path, normalize: bool, top_k: int,
+          from_list: tuple[str, ...], quiet: bool, **options: Any) -> None:  # fmt: skip
+    """Embeddings of files, folders (recursively), globs and --from-list paths into OUT, written part by part;
+    every input is a row, failed ones with their error. Interrupted runs continue with --resume."""
+    job = {key: options.pop(key) for key in ("resume", "overwrite", "chunk_size", "engine", "address", "actors")}
     with _warnings_as_lines():
-        runtime = _open_runtime(model_dir, device, precision, batch_size, threads)
-        _embed_run(runtime, paths, out, resume, overwrite, chunk_size, progress)
-
-
-def _embed_run(
-    runtime: Runtime,
-    paths: tuple[str, ...],
-    out: Path,
-    resume: bool,
-    overwrite: bool,
-    chunk_size: int,
-    progress: bool | None,
-) -> None:
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} already exists; pass --overwrite to replace it")
-    store = EmbedStore(out)
-    identity = _model_identity(runtime)
-    inputs = collect_inputs(paths)
-    if not inputs:
-        raise ImageError(f"no images found in {', '.join(paths)} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
-    bad_names = [p for p in inputs if "\n" in p or "\r" in p]
-    if bad_names:
-        raise OutputError(f"cannot record paths containing line breaks in {out}/paths.txt: {bad_names[0]!r}")
-    chunks: list[Chunk] = []
-    if store.work.exists() and not resume:
-        raise OutputError(f"an interrupted run is in {store.work}; pass --resume to continue it, or delete it")
-    if resume and store.has_plan():
-        plan = store.plan()
-        if plan["model"] != identity:
-            raise OutputError(f"{store.work} was started with another model or precision; delete it to start over")
-        if plan["inputs"] != inputs:
-            raise OutputError(f"the inputs differ from the interrupted run in {store.work}; delete it to start over")
-        chunk_size = int(plan["chunk_size"])
-        chunks = store.completed_chunks()
-        done = chunks[-1].stop if chunks else 0
-        click.echo(f"Resuming: {done} of {len(inputs)} inputs already done", err=True)
-        for error in (error for chunk in chunks for error in chunk.errors):  # the final report stays complete
-            click.echo(f"Error: {error['error']}", err=True)
-    else:
-        if resume:
-            click.echo(f"Nothing to resume in {store.work}; starting a new run", err=True)
-        store.start(inputs, identity, chunk_size)
-    start = chunks[-1].stop if chunks else 0
-    dim = _embedding_dim(runtime, store, chunks)
-    show = sys.stderr.isatty() if progress is None else progress
-    with click.progressbar(length=len(inputs), label="embed", file=sys.stderr if show else _NullFile()) as bar:
-        bar.update(start)
-        for chunk_start in range(start, len(inputs), chunk_size):
-            chunk_paths = inputs[chunk_start : chunk_start + chunk_size]
-            result = runtime.embed(chunk_paths, on_error="collect")
-            assert isinstance(result, BatchResult)
-            if result.errors and show:
-                click.echo("", err=True)
-            _report_errors(result)
-            good = result.value[result.ok]
-            dim = good.shape[1] if good.size else dim
-            chunk = Chunk(
-                index=len(chunks),
-                start=chunk_start,
-                stop=chunk_start + len(chunk_paths),
-                paths=[p for p, ok in zip(chunk_paths, result.ok, strict=True) if ok],
-                errors=[{"path": chunk_paths[e.index], "error": str(e)} for e in result.errors],
-            )
-            store.write_chunk(chunk, good.reshape(len(chunk.paths), dim))
-            chunks.append(chunk)
-            bar.update(len(chunk_paths))
-    run_info = {**identity, "pvt_deploy_version": __version__, "inputs": len(inputs), "dim": dim}
-    store.finalize(chunks, dim, run_info, overwrite)
-    failed = sum(len(c.errors) for c in chunks)
-    rows = sum(len(c.paths) for c in chunks)
-    click.echo(f"Wrote {rows} embeddings ({dim}-d) to {out}" + (f"; {failed} failed" if failed else ""), err=True)
-    _fail_if_any(failed, len(inputs))
-
-
-def _embedding_dim(runtime: Runtime, store: EmbedStore, chunks: list[Chunk]) -> int:
-    """The embedding width, known even when every input fails (the graph's static output shape)."""
-    width = runtime.output_shape(runtime.embedding_graph, "embedding")[-1:]
-    if width and isinstance(width[0], int):
-        return width[0]
-    for array in store.iter_chunk_arrays(chunks):
-        return int(array.shape[1])
-    return 0
-
-
-class _NullFile:
-    """A sink for the progress bar when it is off."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
+        inputs = collect_inputs(paths, from_list)
+        runtime = _open_runtime(model_dir, options)
+        if top_k and out.suffix.lower() not in (".parquet", ".jsonl"):
+            raise click.UsageError("--top-k needs --out *.parquet or *.jsonl")
+        spec = JobSpec("embed", top_k=min(top_k, len(runtime.labels)) if top_k else 0, normalize=normalize)
+        _run_to_file(runtime, spec, inputs, out, "embed", quiet, job)
 
 
 @click.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.argument("image")
-@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Output .npz file.")
+@click.argument("images", nargs=-1)
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
+              help="A .npz file for one image, or a folder: an .npz per image, index.jsonl, run.json.")  # fmt: skip
+@_input_options
+@_job_options
 @_runtime_options
-def features(
-    model_dir: Path, image: str, out: Path, device: str, precision: str, batch_size: int | None, threads: int | None
-) -> None:
-    """stage1..stage4 feature maps (float32, NCHW with N=1) of IMAGE into OUT (.npz, written atomically)."""
+def features(model_dir: Path, images: tuple[str, ...], out: Path, from_list: tuple[str, ...], quiet: bool,
+             **options: Any) -> None:  # fmt: skip
+    """stage1..stage4 feature maps (float32, NCHW with N=1 per image): one IMAGE into OUT.npz, or many into a
+    folder, written part by part and resumable."""
+    job = {key: options.pop(key) for key in ("resume", "overwrite", "chunk_size", "engine", "address", "actors")}
     with _warnings_as_lines():
-        runtime = _open_runtime(model_dir, device, precision, batch_size, threads)
-        maps = runtime.features(image)
-    assert isinstance(maps, dict)
+        inputs = collect_inputs(images, from_list)
+        runtime = _open_runtime(model_dir, options)
+        if out.suffix.lower() == ".npz":
+            _features_one(runtime, inputs, out, job["overwrite"])
+            return
+        _run_to_file(runtime, JobSpec("features"), inputs, out, "features", quiet, job)
+
+
+def _features_one(runtime: Runtime, inputs: list[str], out: Path, overwrite: bool) -> None:
+    if len(inputs) != 1:
+        raise click.UsageError(f"a .npz --out holds one image's maps, got {len(inputs)} inputs; give a folder")
     if out.is_dir():
         raise OutputError(f"{out} is a folder; --out needs a file name such as features.npz")
-    if not out.parent.exists():
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} already exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
         raise OutputError(f"{out.parent}: no such folder")
-    import io
-
+    result = runtime.features(inputs, on_error="collect")
+    if result.errors:
+        raise ImageError(str(result.errors[0]))
+    maps = result.value
     buffer = io.BytesIO()
     np.savez(buffer, **maps)
     atomic_write_bytes(out, buffer.getvalue())
@@ -298,4 +339,4 @@ def features(
     click.echo(f"Wrote {out}: {shapes}", err=True)
 
 
-__all__ = ["collect_inputs", "embed", "features", "predict"]
+__all__ = ["embed", "features", "predict"]

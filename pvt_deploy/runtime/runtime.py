@@ -258,15 +258,22 @@ class Runtime:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         result = self._run("classify", ("probabilities",), images, on_error)
-        labels = self.labels
-        answers: list[list[tuple[str, float]] | None] = []
-        for row, ok in zip(result.value["probabilities"], result.ok, strict=True):
-            if not ok:
-                answers.append(None)
-                continue
-            order = np.argsort(-row, kind="stable")[:top_k]
-            answers.append([(labels[i], float(row[i])) for i in order])
+        ranked = self.top_k(result.value["probabilities"], top_k)
+        answers = [answer if ok else None for answer, ok in zip(ranked, result.ok, strict=True)]
         return self._finish(result, answers, on_error)
+
+    def top_k(self, probabilities: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """Per row of (N, classes) probabilities, the ``k`` most likely (label, probability) pairs (ties: lower class
+        index first); NaN rows (failed inputs) give an empty list. ``predict`` and the bulk jobs share this rule."""
+        labels = self.labels
+        ranked: list[list[tuple[str, float]]] = []
+        for row in probabilities:
+            if np.isnan(row).any():
+                ranked.append([])
+                continue
+            order = np.argsort(-row, kind="stable")[:k]
+            ranked.append([(labels[i], float(row[i])) for i in order])
+        return ranked
 
     @overload
     def embed(self, images: Images, *, on_error: Raise = ...) -> np.ndarray: ...

@@ -1,0 +1,26 @@
+"""Bulk jobs over many images, torch-free, on the public ``Runtime`` API: inputs -> rows -> Parquet / JSONL / CSV /
+``.npy`` or ``.npz`` folders, resumable, locked, on the local engine or Ray Data."""
+
+from pvt_deploy.jobs.inputs import collect_inputs, read_path_list
+from pvt_deploy.jobs.records import iter_parts, prediction_lines, prediction_record
+from pvt_deploy.jobs.run import DEFAULT_CHUNK_SIZE, ENGINES, JobEvents, JobInterrupted, JobResult, run_job
+from pvt_deploy.jobs.store import Part, output_format, read_run_info
+from pvt_deploy.jobs.tasks import JobSpec
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "ENGINES",
+    "JobEvents",
+    "JobInterrupted",
+    "JobResult",
+    "JobSpec",
+    "Part",
+    "collect_inputs",
+    "iter_parts",
+    "output_format",
+    "prediction_lines",
+    "prediction_record",
+    "read_path_list",
+    "read_run_info",
+    "run_job",
+]

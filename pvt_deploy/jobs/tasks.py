@@ -1,0 +1,152 @@
+"""One chunk of a bulk job: inputs -> rows (and embeddings), through the public ``Runtime`` API only.
+
+Both engines call ``compute_part``: the local one with paths, the Ray one with rows its decode tasks already
+preprocessed (``Decoded``), so both produce the same rows, the same embeddings and the same error messages.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pvt_deploy.errors import ImageError
+from pvt_deploy.jobs.store import Part, atomic_write_bytes
+from pvt_deploy.runtime import BatchResult, ItemError, Runtime
+
+TASKS = ("predict", "embed", "features")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What each row holds. ``top_k`` > 0 adds labels and probabilities (always for predict); ``normalize`` gives
+    L2-normalised embeddings (the default is birder's raw embedding)."""
+
+    task: str
+    top_k: int = 0
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "predict" and self.top_k < 1:
+            raise ValueError("predict needs top_k >= 1")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An input a decode task already turned into the model's (3, H, W) row, or the reason it could not."""
+
+    path: str
+    row: np.ndarray | None = None
+    error: str | None = None
+
+
+def model_identity(runtime: Runtime, spec: JobSpec) -> dict[str, Any]:
+    """What must not change between a run and its resume: the folder, the graph file and its digest, precision."""
+    graph = "features" if spec.task == "features" else ("classify" if spec.top_k else runtime.embedding_graph)
+    entry = runtime.graph_entry(graph)
+    return {
+        "model_dir": str(runtime.model_dir.resolve()),
+        "model_name": runtime.manifest.model_name,
+        "graph": entry.file,
+        "graph_sha256": runtime.manifest.files[entry.file].sha256,
+        "precision": runtime.precision,
+    }
+
+
+def _with_progress(items: Sequence[Any], advance: Callable[[int], None] | None) -> Iterator[Any]:
+    """Yield the items, reporting each one as the runtime pulls it (it consumes lazily, micro-batch by micro-batch),
+    so a progress bar moves per image rather than per chunk."""
+    for item in items:
+        yield item
+        if advance is not None:
+            advance(1)
+
+
+def compute_part(
+    runtime: Runtime,
+    spec: JobSpec,
+    items: Sequence[str | Decoded],
+    start: int,
+    part_index: int,
+    features_dir: Path | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> tuple[Part, np.ndarray | None]:
+    """Rows for inputs ``start .. start + len(items)``: every input is a row, failed ones with their error."""
+    paths = [item.path if isinstance(item, Decoded) else item for item in items]
+    decode_failed = {i for i, item in enumerate(items) if isinstance(item, Decoded) and item.row is None}
+    runnable = [i for i in range(len(items)) if i not in decode_failed]
+    inputs = [items[i].row if isinstance(items[i], Decoded) else items[i] for i in runnable]
+    if advance is not None and decode_failed:
+        advance(len(decode_failed))
+    feed = _with_progress(inputs, advance)
+
+    labels: list[list[tuple[str, float]]] | None = None
+    embeddings: np.ndarray | None = None
+    maps: dict[str, np.ndarray] | None = None
+    if spec.task == "predict" or (spec.task == "embed" and spec.top_k):
+        result: BatchResult[Any] = runtime.classify(feed, return_embedding=spec.task == "embed", on_error="collect")
+        probabilities = result.value[0] if spec.task == "embed" else result.value
+        labels = runtime.top_k(probabilities, spec.top_k)
+        if spec.task == "embed":
+            embeddings = result.value[1]
+    elif spec.task == "embed":
+        result = runtime.embed(feed, on_error="collect")
+        embeddings = result.value
+    else:
+        result = runtime.features(feed, on_error="collect")
+        maps = result.value
+    if embeddings is not None and spec.normalize:
+        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+        embeddings = (embeddings / np.where(norms > 0, norms, 1)).astype(np.float32)
+
+    errors = {runnable[error.index]: str(error) for error in result.errors}
+    for i in decode_failed:
+        errors[i] = str(ItemError(i, paths[i], items[i].error))  # type: ignore[union-attr]
+    rows: list[dict[str, Any]] = []
+    full = np.full((len(items), embeddings.shape[1]), np.nan, np.float32) if embeddings is not None else None
+    slots = {position: slot for slot, position in enumerate(runnable)}
+    for position, path in enumerate(paths):
+        row: dict[str, Any] = {"index": start + position, "path": path, "status": "ok", "error": None}
+        if position in errors:
+            row.update(status="error", error=errors[position])
+        slot = slots.get(position)
+        if labels is not None:
+            ranked = labels[slot] if slot is not None and position not in errors else []
+            row["labels"] = [label for label, _ in ranked]
+            row["probabilities"] = [probability for _, probability in ranked]
+        if full is not None and slot is not None and position not in errors:
+            full[position] = embeddings[slot]  # type: ignore[index]
+        if maps is not None:
+            row["file"] = None
+            if slot is not None and position not in errors and features_dir is not None:
+                row["file"] = _save_maps(
+                    features_dir, start + position, {k: v[slot : slot + 1] for k, v in maps.items()}
+                )
+        rows.append(row)
+    return Part(part_index, start, start + len(items), rows), full
+
+
+def _save_maps(folder: Path, index: int, maps: dict[str, np.ndarray]) -> str:
+    name = f"{index:08d}.npz"
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, **maps)
+    atomic_write_bytes(folder / name, buffer.getvalue())
+    return name
+
+
+def decode(runtime: Runtime, path: str) -> Decoded:
+    """The Ray engine's decode step: the runtime's own preprocessing, so rows match the local engine's."""
+    try:
+        return Decoded(path, runtime.spec(path))
+    except ImageError as exc:
+        return Decoded(path, None, str(exc))

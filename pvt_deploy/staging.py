@@ -1,0 +1,189 @@
+"""Staging folders that the next run can clean up, and a lock so two runs never share one output.
+
+A command that builds ``OUT`` writes into a hidden sibling named ``.OUT.<tag>-<pid>-<starttime>`` and renames it
+into place at the end. If the process is killed (SIGKILL, power loss) that sibling stays behind; the name says which
+process made it, and ``clean_stale_staging`` removes it once that process no longer exists. The start time (field 22
+of ``/proc/<pid>/stat``) tells a dead run from a new process that happens to have the same pid.
+
+``OutputLock`` holds an ``flock`` on ``.OUT.lock``: the kernel drops it when the process dies, so a lock is never
+stale, and the pid written inside names the run that holds it. Torch-free, standard library only.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from types import TracebackType
+
+from pvt_deploy.errors import OutputError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock, the lock is a no-op there
+    fcntl = None  # type: ignore[assignment]
+
+_TAG = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def process_start_time(pid: int) -> int | None:
+    """Clock ticks after boot at which ``pid`` started, or None when no such process exists.
+
+    Where /proc is missing (macOS) a live process reports 0, so only "pid gone" counts as stale there."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+        return 0 if _pid_exists(pid) else None
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may itself contain spaces or ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])  # field 22 overall; fields here start at field 3
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def staging_path(final: Path, tag: str) -> Path:
+    """``<parent>/.<name>.<tag>-<pid>-<starttime>``: a sibling of ``final`` that names the process writing it."""
+    if not _TAG.match(tag):
+        raise ValueError(f"staging tag must be letters, digits or '_': {tag!r}")
+    final = Path(final)
+    pid = os.getpid()
+    return final.with_name(f".{final.name}.{tag}-{pid}-{process_start_time(pid) or 0}")
+
+
+def _staging_owner(entry: str, name: str) -> tuple[int, int | None] | None:
+    """(pid, start time) encoded in a staging name of ``name``, or None when ``entry`` is not one.
+
+    Also recognizes the older ``.<name>.partial-<pid>-<hex>`` and ``<name>.tmp-<pid>`` names (no start time)."""
+    prefix = f".{name}."
+    if entry.startswith(prefix):
+        match = re.fullmatch(r"([A-Za-z0-9_]+)-(\d+)-([0-9a-f]+)", entry[len(prefix) :])
+        if match is None:
+            return None
+        pid, rest = int(match.group(2)), match.group(3)
+        return pid, (int(rest) if rest.isdigit() else None)
+    match = re.fullmatch(re.escape(name) + r"\.tmp-(\d+)", entry)
+    if match is not None:
+        return int(match.group(1)), None
+    return None
+
+
+def is_stale(pid: int, start_time: int | None) -> bool:
+    """True when the process that made a staging entry no longer exists (gone, or its pid reused)."""
+    current = process_start_time(pid)
+    if current is None:
+        return True
+    return start_time is not None and current != 0 and start_time != 0 and current != start_time
+
+
+def clean_stale_staging(parent: Path, name: str) -> list[Path]:
+    """Remove staging of ``parent/name`` left by processes that no longer exist; return what was removed."""
+    parent = Path(parent)
+    try:
+        entries = sorted(os.listdir(parent))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed: list[Path] = []
+    for entry in entries:
+        owner = _staging_owner(entry, name)
+        if owner is None or not is_stale(*owner):
+            continue
+        path = parent / entry
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        if not path.exists() and not path.is_symlink():
+            removed.append(path)
+    return removed
+
+
+def describe_removed(removed: list[Path]) -> str:
+    """One line for the user, e.g. "removed 2 leftovers of interrupted runs: .out.partial-12-345, ..."."""
+    names = ", ".join(p.name for p in removed)
+    plural = "s" if len(removed) != 1 else ""
+    return f"removed {len(removed)} leftover{plural} of interrupted runs: {names}"
+
+
+def lock_path(path: Path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+class OutputLock:
+    """Exclusive use of an output path for one process: ``with OutputLock(out): ...``.
+
+    Non-blocking: a second run fails at once with ``OutputError("another run (pid N) is using OUT")``. The lock
+    file is removed on release; a run that opened the file just before that re-checks the inode and retries."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.lock_file = lock_path(self.path)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if fcntl is None:  # pragma: no cover
+            return
+        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise OutputError(f"cannot lock {self.path}: {exc.strerror}") from None
+                raise OutputError(f"another run (pid {self._holder()}) is using {self.path}") from None
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(self.lock_file).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if same_file:
+                break
+            os.close(fd)  # the holder released and removed the file between our open and flock
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def _holder(self) -> str:
+        for _ in range(20):  # the holder writes its pid right after taking the lock
+            try:
+                text = self.lock_file.read_text().strip()
+            except OSError:
+                text = ""
+            if text.isdigit():
+                return text
+            time.sleep(0.01)
+        return "unknown"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.lock_file.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.release()
