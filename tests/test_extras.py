@@ -20,7 +20,10 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "pvt_deploy"
 
 # packages used only when a user picks them by name, with their own one-line error when absent
-OPT_IN = {"onnxslim": "export --simplifier onnxslim (onnx_io wraps its absence in an ExportError line)"}
+OPT_IN = {
+    "onnxslim": "export --simplifier onnxslim (onnx_io wraps its absence in an ExportError line)",
+    "ray": "only behind --engine ray / serve --ray; commands offering those declare [ray]",
+}
 
 
 def _requirement_name(requirement: str) -> str:
