@@ -138,6 +138,18 @@ def test_serving_imports_no_torch(tmp_path: Path) -> None:
     assert done.stdout.strip() == "[]"
 
 
+def test_missing_serve_extra_is_one_error_line(model_dir: Path, tmp_path: Path) -> None:
+    env = torch_free_env(tmp_path)
+    blocker = tmp_path / "sitecustomize.py"
+    blocked = blocker.read_text().replace('BLOCKED = ("torch", "torchvision")', 'BLOCKED = ("torch", "fastapi")')
+    assert blocked != blocker.read_text()
+    blocker.write_text(blocked)
+    command = [sys.executable, "-m", "pvt_deploy", "serve", str(model_dir)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "Error: 'serve' needs fastapi, which is not installed; install pvt-deploy[serve]"
+
+
 def test_server_runs_with_torch_blocked(client: httpx.Client) -> None:
     """The module's server process has the torch blocker active (see ``start_server``) and still answers."""
     assert client.get("/v2/health/live").json() == {"live": True}
