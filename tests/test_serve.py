@@ -290,8 +290,14 @@ def test_fp32_answers_are_batch_invariant(client: httpx.Client, runtime: Runtime
     images = [*photo_paths, photo_paths[0]]
     alone = [_probabilities(client, path) for path in images]
     before = _batch_count(client)
+    start_together = threading.Barrier(len(images))
+
+    def at_once(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        start_together.wait(timeout=30)
+        return _probabilities(client, path)
+
     with ThreadPoolExecutor(len(images)) as pool:
-        together = list(pool.map(lambda path: _probabilities(client, path), images))
+        together = list(pool.map(at_once, images))
     after = _batch_count(client)
     assert after["rows"] - before["rows"] == len(images)
     assert after["batches"] - before["batches"] < len(images), "concurrent requests were never batched together"
