@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 90
 PROBABILITY_ATOL = 1e-5  # the fp32 parity threshold on probabilities
 EMBEDDING_COSINE_MIN = 0.99999  # ... and on embeddings
+MODEL_NAME = "pvt_v2_tiny"  # the tiny fixture's manifest model_name: the v2 protocol's model name
 
 
 @dataclass
@@ -163,7 +164,7 @@ def test_predict_matches_runtime(client: httpx.Client, runtime: Runtime, photo_p
     response = client.post("/v1/predict", params={"top_k": 3}, files=files(photo_paths[:3]))
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["model"] == runtime.manifest["model_name"]
+    assert body["model"] == MODEL_NAME
     expected = runtime.predict(photo_paths[:3], top_k=3)
     assert [r["image"] for r in body["results"]] == [p.name for p in photo_paths[:3]]
     for result, answer in zip(body["results"], expected, strict=True):
@@ -227,7 +228,7 @@ def test_model_description(client: httpx.Client, runtime: Runtime, model_dir: Pa
     body = client.get("/v1/model").json()
     manifest = json.loads((model_dir / "manifest.json").read_text())
     assert body["labels"] == runtime.labels and body["num_classes"] == len(runtime.labels)
-    assert body["input"]["size"] == list(runtime.spec.size)
+    assert body["input"]["size"] == runtime.metadata["preprocess"]["size"]
     assert body["precisions"] == ["fp32"] and body["precision"] == "fp32"
     assert body["checksums"] == {name: record["sha256"] for name, record in manifest["files"].items()}
     assert body["untrained"] is False
@@ -326,11 +327,11 @@ def test_v2_protocol_through_tritonclient(server: Server, runtime: Runtime, phot
     import tritonclient.http as triton
     from tritonclient.utils import InferenceServerException
 
-    name = runtime.manifest["model_name"]
+    name = MODEL_NAME
     client = triton.InferenceServerClient(server.url.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
     metadata = client.get_model_metadata(name)
-    assert metadata["inputs"][0]["shape"] == [-1, 3, *runtime.spec.size]
+    assert metadata["inputs"][0]["shape"] == [-1, 3, *runtime.metadata["preprocess"]["size"]]
     tensor = runtime.preprocess(photo_paths[:3])
     probabilities, embedding = runtime.classify(tensor, return_embedding=True)
     for binary in (True, False):
