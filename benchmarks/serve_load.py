@@ -195,8 +195,8 @@ def main() -> None:
     first, last = f"c{min(args.concurrency)}", f"c{max(args.concurrency)}"
     report = {
         "model_dir": str(args.model_dir),
-        "model": runtime.manifest.get("model_name"),
-        "input_size": list(runtime.spec.size),
+        "model": json.loads((args.model_dir / "manifest.json").read_text()).get("model_name"),
+        "input_size": list(runtime.metadata["preprocess"]["size"]),
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),

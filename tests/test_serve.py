@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 90
 PROBABILITY_ATOL = 1e-5  # the fp32 parity threshold on probabilities
 EMBEDDING_COSINE_MIN = 0.99999  # ... and on embeddings
+MODEL_NAME = "pvt_v2_tiny"  # the tiny fixture's manifest model_name: the v2 protocol's model name
 
 
 @dataclass
@@ -138,6 +139,18 @@ def test_serving_imports_no_torch(tmp_path: Path) -> None:
     assert done.stdout.strip() == "[]"
 
 
+def test_missing_serve_extra_is_one_error_line(model_dir: Path, tmp_path: Path) -> None:
+    env = torch_free_env(tmp_path)
+    blocker = tmp_path / "sitecustomize.py"
+    blocked = blocker.read_text().replace('BLOCKED = ("torch", "torchvision")', 'BLOCKED = ("torch", "fastapi")')
+    assert blocked != blocker.read_text()
+    blocker.write_text(blocked)
+    command = [sys.executable, "-m", "pvt_deploy", "serve", str(model_dir)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "Error: 'serve' needs fastapi, which is not installed; install pvt-deploy[serve]"
+
+
 def test_server_runs_with_torch_blocked(client: httpx.Client) -> None:
     """The module's server process has the torch blocker active (see ``start_server``) and still answers."""
     assert client.get("/v2/health/live").json() == {"live": True}
@@ -151,7 +164,7 @@ def test_predict_matches_runtime(client: httpx.Client, runtime: Runtime, photo_p
     response = client.post("/v1/predict", params={"top_k": 3}, files=files(photo_paths[:3]))
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["model"] == runtime.manifest["model_name"]
+    assert body["model"] == MODEL_NAME
     expected = runtime.predict(photo_paths[:3], top_k=3)
     assert [r["image"] for r in body["results"]] == [p.name for p in photo_paths[:3]]
     for result, answer in zip(body["results"], expected, strict=True):
@@ -215,7 +228,7 @@ def test_model_description(client: httpx.Client, runtime: Runtime, model_dir: Pa
     body = client.get("/v1/model").json()
     manifest = json.loads((model_dir / "manifest.json").read_text())
     assert body["labels"] == runtime.labels and body["num_classes"] == len(runtime.labels)
-    assert body["input"]["size"] == list(runtime.spec.size)
+    assert body["input"]["size"] == runtime.metadata["preprocess"]["size"]
     assert body["precisions"] == ["fp32"] and body["precision"] == "fp32"
     assert body["checksums"] == {name: record["sha256"] for name, record in manifest["files"].items()}
     assert body["untrained"] is False
@@ -278,8 +291,14 @@ def test_fp32_answers_are_batch_invariant(client: httpx.Client, runtime: Runtime
     images = [*photo_paths, photo_paths[0]]
     alone = [_probabilities(client, path) for path in images]
     before = _batch_count(client)
+    start_together = threading.Barrier(len(images))
+
+    def at_once(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        start_together.wait(timeout=30)
+        return _probabilities(client, path)
+
     with ThreadPoolExecutor(len(images)) as pool:
-        together = list(pool.map(lambda path: _probabilities(client, path), images))
+        together = list(pool.map(at_once, images))
     after = _batch_count(client)
     assert after["rows"] - before["rows"] == len(images)
     assert after["batches"] - before["batches"] < len(images), "concurrent requests were never batched together"
@@ -308,11 +327,11 @@ def test_v2_protocol_through_tritonclient(server: Server, runtime: Runtime, phot
     import tritonclient.http as triton
     from tritonclient.utils import InferenceServerException
 
-    name = runtime.manifest["model_name"]
+    name = MODEL_NAME
     client = triton.InferenceServerClient(server.url.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
     metadata = client.get_model_metadata(name)
-    assert metadata["inputs"][0]["shape"] == [-1, 3, *runtime.spec.size]
+    assert metadata["inputs"][0]["shape"] == [-1, 3, *runtime.metadata["preprocess"]["size"]]
     tensor = runtime.preprocess(photo_paths[:3])
     probabilities, embedding = runtime.classify(tensor, return_embedding=True)
     for binary in (True, False):

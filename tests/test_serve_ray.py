@@ -91,3 +91,18 @@ def test_ray_serve_answers_like_the_single_process_server(
         assert bad.status_code == 422 and bad.json()["errors"][0]["item"] == "text.jpg"
     expected = Runtime(model_dir, device="cpu").predict(photo_paths, top_k=1)
     assert [r["predictions"][0]["label"] for r in ray_predict.json()["results"]] == [a[0][0] for a in expected]
+
+
+def test_serve_run_builder_reads_its_arguments(model_dir: Path) -> None:
+    """``serve run pvt_deploy.serve.ray_app:build_app model_dir=... replicas=2 max_batch=4`` builds this deployment."""
+    from pvt_deploy.serve.ray_app import build_app
+
+    application = build_app({"model_dir": str(model_dir), "replicas": "2", "max_batch": "4", "max_wait_ms": "2.5"})
+    deployment = application._bound_deployment
+    settings = deployment.init_args[0]
+    assert deployment.num_replicas == 2
+    assert settings == ServeSettings(model_dir.resolve(), max_batch=4, max_wait_ms=2.5)
+    with pytest.raises(ValueError, match="unknown option 'batch'"):
+        build_app({"model_dir": str(model_dir), "batch": "4"})
+    with pytest.raises(ValueError, match="model_dir=PATH is required"):
+        build_app({})

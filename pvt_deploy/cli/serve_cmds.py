@@ -7,13 +7,14 @@ Exit codes: 0 after a clean stop (SIGTERM drains in-flight requests first); 2 ba
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 from pathlib import Path
 
 import click
 
 from pvt_deploy.runtime.sessions import DEVICES
-from pvt_deploy.serve.settings import ServeSettings
+from pvt_deploy.serve.settings import ServeError, ServeSettings
 
 GRACEFUL_SHUTDOWN_S = 30
 """How long SIGTERM waits for in-flight requests before closing their connections."""
@@ -70,12 +71,25 @@ def serve(
         max_queue=max_queue,
         api_key=ServeSettings.api_key_from_env(api_key_env),
     )
+    _require(("fastapi", "uvicorn", "multipart", "prometheus_client"), "serve")
     if use_ray:
+        _require(("ray",), "ray")
         from pvt_deploy.serve.ray_app import run_on_ray
 
         run_on_ray(settings, host=host, port=port, address=address, replicas=replicas)
         return
     _serve_locally(settings, host, port)
+
+
+def _require(modules: tuple[str, ...], extra: str) -> None:
+    """One clear line, not a traceback, when the serve extras are not installed."""
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if not found:
+            raise ServeError(f"'serve' needs {module}, which is not installed; install pvt-deploy[{extra}]")
 
 
 def _serve_locally(settings: ServeSettings, host: str, port: int) -> None:

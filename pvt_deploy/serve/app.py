@@ -55,6 +55,13 @@ class Upload:
     data: bytes
 
 
+def manifest_fields(runtime: Runtime) -> dict[str, Any]:
+    """The manifest as a plain dict, whether ``Runtime.manifest`` is the dict itself or a typed object with ``.raw``."""
+    manifest = runtime.manifest
+    raw = getattr(manifest, "raw", manifest)
+    return raw if isinstance(raw, dict) else {}
+
+
 def _reason(error: ImageError) -> str:
     """``Runtime``'s message without its "image 0 (<123 bytes>): " prefix: the HTTP answer names the item itself."""
     return _SOURCE_PREFIX.sub("", _ITEM_PREFIX.sub("", str(error)))
@@ -81,9 +88,12 @@ class Service:
         )
         self.backend: InferenceBackend = backend if backend is not None else self.batcher  # type: ignore[assignment]
         self.decoder = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="pvt-decode")
-        self.model_name = str(runtime.manifest.get("model_name") or runtime.model_dir.name)
+        self.manifest = manifest_fields(runtime)
+        self.model_name = str(self.manifest.get("model_name") or runtime.model_dir.name)
         self.labels = runtime.labels
-        self.size = tuple(runtime.spec.size)
+        self.preprocessing = dict(runtime.metadata["preprocess"])
+        height, width = self.preprocessing["size"]
+        self.size = (int(height), int(width))
 
     # ----- admission ---------------------------------------------------------------------------------------------
 
@@ -165,7 +175,7 @@ class Service:
         return [{"label": self.labels[i], "index": int(i), "probability": float(probabilities[i])} for i in order]
 
     def describe(self) -> dict[str, Any]:
-        manifest = self.runtime.manifest
+        manifest = self.manifest
         files = manifest.get("files") or {}
         return {
             "name": self.model_name,
@@ -176,8 +186,8 @@ class Service:
                 "size": list(self.size),
                 "layout": "NCHW",
                 "dtype": "float32",
-                "rgb_stats": self.runtime.spec.rgb_stats,
-                "center_crop": self.runtime.spec.center_crop,
+                "rgb_stats": self.preprocessing["rgb_stats"],
+                "center_crop": self.preprocessing["center_crop"],
             },
             "precision": self.runtime.precision,
             "precisions": self.runtime.precisions,
@@ -240,7 +250,7 @@ def create_app(runtime: Runtime, settings: ServeSettings, backend: InferenceBack
             render_page(
                 service.model_name,
                 needs_key=settings.api_key is not None,
-                untrained=bool(runtime.manifest.get("random_weights", False)),
+                untrained=bool(service.manifest.get("random_weights", False)),
             )
         )
 
