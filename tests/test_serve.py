@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from pvt_deploy import Runtime
+from pvt_deploy.errors import MissingExtraError
 from tests.test_runtime import png_claiming_size
 from tests.test_runtime_torch_free import BLOCKER
 
@@ -147,8 +148,10 @@ def test_missing_serve_extra_is_one_error_line(model_dir: Path, tmp_path: Path) 
     blocker.write_text(blocked)
     command = [sys.executable, "-m", "pvt_deploy", "serve", str(model_dir)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert done.stderr.strip() == "Error: 'serve' needs fastapi, which is not installed; install pvt-deploy[serve]"
+    assert done.returncode == MissingExtraError.exit_code
+    assert done.stderr.strip() == (
+        "Error: `pvt-deploy serve` needs the [serve] extra (fastapi is not installed): pip install 'pvt-deploy[serve]'"
+    )
 
 
 def test_server_runs_with_torch_blocked(client: httpx.Client) -> None:

@@ -53,7 +53,12 @@ LAZY_COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
-DISTRIBUTION_OF = {"PIL": "pillow", "sklearn": "scikit-learn", "onnxruntime": "onnxruntime-gpu"}
+DISTRIBUTION_OF = {
+    "PIL": "pillow",
+    "sklearn": "scikit-learn",
+    "onnxruntime": "onnxruntime-gpu",
+    "multipart": "python-multipart",
+}
 """Import name -> distribution name, where they differ (else ``_`` becomes ``-``)."""
 
 

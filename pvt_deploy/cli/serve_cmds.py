@@ -13,8 +13,9 @@ from pathlib import Path
 
 import click
 
+from pvt_deploy.cli import missing_extra
 from pvt_deploy.runtime.sessions import DEVICES
-from pvt_deploy.serve.settings import ServeError, ServeSettings
+from pvt_deploy.serve.settings import ServeSettings
 
 GRACEFUL_SHUTDOWN_S = 30
 """How long SIGTERM waits for in-flight requests before closing their connections."""
@@ -71,9 +72,9 @@ def serve(
         max_queue=max_queue,
         api_key=ServeSettings.api_key_from_env(api_key_env),
     )
-    _require(("fastapi", "uvicorn", "multipart", "prometheus_client"), "serve")
+    _require(("fastapi", "uvicorn", "multipart", "prometheus_client"))
     if use_ray:
-        _require(("ray",), "ray")
+        _require(("ray",))
         from pvt_deploy.serve.ray_app import run_on_ray
 
         run_on_ray(settings, host=host, port=port, address=address, replicas=replicas)
@@ -81,15 +82,15 @@ def serve(
     _serve_locally(settings, host, port)
 
 
-def _require(modules: tuple[str, ...], extra: str) -> None:
-    """One clear line, not a traceback, when the serve extras are not installed."""
+def _require(modules: tuple[str, ...]) -> None:
+    """Checked up front (python-multipart would only fail once the app is built): one line naming the extra."""
     for module in modules:
         try:
             found = importlib.util.find_spec(module) is not None
         except ImportError:
             found = False
         if not found:
-            raise ServeError(f"'serve' needs {module}, which is not installed; install pvt-deploy[{extra}]")
+            raise missing_extra("serve", ModuleNotFoundError(f"No module named {module!r}", name=module))
 
 
 def _serve_locally(settings: ServeSettings, host: str, port: int) -> None:
