@@ -25,6 +25,7 @@ from pvt_deploy.runtime.embed_store import Chunk, EmbedStore, atomic_write_bytes
 from pvt_deploy.runtime.results import BatchResult
 from pvt_deploy.runtime.runtime import Runtime
 from pvt_deploy.runtime.sessions import DEVICES
+from pvt_deploy.staging import OutputLock, clean_stale_staging, describe_removed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 """What ``embed`` picks up when walking a folder (case-insensitive). Files named directly are always tried."""
@@ -179,7 +180,10 @@ def embed(
 ) -> None:
     """Embeddings for files and folders (recursively) into OUT/: embeddings.npy (N, D) float32, paths.txt (row i's
     source), errors.json (inputs that failed) and run.json. Interrupted runs resume with --resume."""
-    with _warnings_as_lines():
+    with _warnings_as_lines(), OutputLock(out):  # a second run on OUT fails with one line naming this one's pid
+        removed = clean_stale_staging(out.parent, out.name)
+        if removed:
+            click.echo(f"{out.parent}: {describe_removed(removed)}", err=True)
         runtime = _open_runtime(model_dir, device, precision, batch_size, threads)
         _embed_run(runtime, paths, out, resume, overwrite, chunk_size, progress)
 

@@ -8,9 +8,10 @@ While running, everything lives in ``<out>.partial/``::
                             so a chunk counts as done only when its .json exists (every file goes tmp -> rename)
 
 An interruption at any moment leaves whole chunks plus at most some ``*.tmp`` files, which are ignored. ``--resume``
-continues at the first chunk without a ``.json``. ``finalize`` streams the chunks into ``<out>.tmp-<pid>/``
-(``embeddings.npy``, ``paths.txt``, ``errors.json``, ``run.json``) and renames that folder to ``<out>`` in one step,
-so ``<out>`` is either absent or complete.
+continues at the first chunk without a ``.json``. ``finalize`` streams the chunks into
+``.<out>.tmp-<pid>-<starttime>/`` (``embeddings.npy``, ``paths.txt``, ``errors.json``, ``run.json``) and renames that
+folder to ``<out>`` in one step, so ``<out>`` is either absent or complete; such a folder left by a killed run is
+removed by the next one (``pvt_deploy.staging``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pvt_deploy.errors import OutputError
+from pvt_deploy.staging import staging_path
 
 PLAN_NAME = "plan.json"
 EMBEDDINGS_NAME = "embeddings.npy"
@@ -143,7 +145,7 @@ class EmbedStore:
 
     def finalize(self, chunks: list[Chunk], dim: int, run_info: dict[str, Any], overwrite: bool) -> Path:
         """Stream every chunk into ``<out>`` (one rename at the end) and remove the partial folder."""
-        tmp = self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}")
+        tmp = staging_path(self.out, "tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -165,7 +167,7 @@ class EmbedStore:
         if self.out.exists():
             if not overwrite:
                 raise OutputError(f"{self.out} already exists; pass --overwrite to replace it")
-            old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
+            old = staging_path(self.out, "old")
             self.out.rename(old)
         tmp.rename(self.out)
         if old is not None:
