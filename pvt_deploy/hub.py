@@ -303,7 +303,10 @@ def download(
             raise DownloadError(
                 f"{url}: sha256 mismatch: expected {weights.sha256}, got {digest}; the downloaded file was deleted"
             )
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError as exc:  # e.g. the part file was removed meanwhile by a run that could not see this pid
+            raise DownloadError(f"{url}: cannot move the download into place ({exc.strerror or exc})") from None
     finally:
         tmp.unlink(missing_ok=True)  # a no-op after the rename; removes the partial file on any failure
     return final
