@@ -166,3 +166,18 @@ def test_embed_removes_and_reports_the_final_step_of_a_killed_run(
     names = sorted([killed_final.name, killed_before.name])
     assert f"{tmp_path}: removed 2 leftovers of interrupted runs: {', '.join(names)}" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["embeddings.npy", "errors.json", "paths.txt", "run.json"]
+
+
+def test_any_command_exits_130_after_a_swallowed_interrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pvt_deploy import hub
+
+    def swallowing_download(*args, **kwargs) -> Path:
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        return tmp_path / "weights.pt"
+
+    monkeypatch.setattr(hub, "download", swallowing_download)
+    result = CliRunner().invoke(cli, ["download", "pvt_v2_b2_mmcr-il-all", "-q"])
+    assert result.exit_code == 130, result.output
+    assert result.output.strip() == f"{tmp_path / 'weights.pt'}\nInterrupted."
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
