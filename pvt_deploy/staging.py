@@ -116,7 +116,8 @@ def clean_stale_staging(parent: Path, name: str) -> list[Path]:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not ours to remove (permissions): leave it, do not report it
+                path.unlink(missing_ok=True)
         if not path.exists() and not path.is_symlink():
             removed.append(path)
     return removed
@@ -148,9 +149,12 @@ class OutputLock:
     def acquire(self) -> None:
         if fcntl is None:  # pragma: no cover
             return
-        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise OutputError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
