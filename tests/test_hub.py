@@ -57,8 +57,11 @@ class _Server:
                 self.wfile.flush()
 
             def _drip(self, body: bytes, every: float) -> None:
+                give_up = time.monotonic() + 10  # a client without a deadline then fails instead of hanging
                 try:
                     for index in range(len(body)):
+                        if time.monotonic() > give_up:
+                            return
                         self.wfile.write(body[index : index + 1])
                         self.wfile.flush()
                         time.sleep(every)
