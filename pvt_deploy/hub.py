@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from pvt_deploy.errors import CheckpointError, DownloadError
+from pvt_deploy.manifest import sha256_file as sha256_of  # the one sha256 helper
 from pvt_deploy.staging import clean_stale_staging, describe_removed, staging_path
 
 CACHE_ENV = "PVT_DEPLOY_CACHE"
@@ -120,14 +121,6 @@ def _check_base_url(base: str) -> None:
 
 def cached_path(name: str, cache_dir_override: str | os.PathLike | None = None) -> Path:
     return cache_dir(cache_dir_override) / published(name).filename
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class _Progress:
