@@ -14,9 +14,9 @@ import hashlib
 import http.client
 import os
 import sys
-import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +24,19 @@ from typing import IO
 
 from pvt_deploy.errors import CheckpointError, DownloadError
 from pvt_deploy.manifest import sha256_file as sha256_of  # the one sha256 helper
+from pvt_deploy.staging import clean_stale_staging, describe_removed, staging_path
 
 CACHE_ENV = "PVT_DEPLOY_CACHE"
 BASE_URL_ENV = "PVT_DEPLOY_BASE_URL"
 DEFAULT_CACHE_DIR = Path("~/.cache/pvt-deploy")
 BIRDER_HUB_URL = "https://huggingface.co/birder-project/pvt_v2_b2_mmcr-il-all/resolve/main"
+DEFAULT_TIMEOUT = 900.0
+"""Seconds a whole download may take (``--timeout``): a server dripping bytes cannot keep it running forever."""
+READ_TIMEOUT = 60.0
+"""Seconds any single connect or read may wait for data (a stalled server fails sooner than the deadline)."""
 _CHUNK = 1 << 20
 _USER_AGENT = "pvt-deploy"
+_URL_SCHEMES = ("http", "https", "file")
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,20 @@ _resolve_cache_dir = cache_dir  # ``download``/``resolve_source`` take a ``cache
 def url_for(name: str, base_url: str | None = None) -> str:
     weights = published(name)
     base = base_url or os.environ.get(BASE_URL_ENV) or weights.base_url
+    _check_base_url(base)
     return f"{base.rstrip('/')}/{weights.filename}"
+
+
+def _check_base_url(base: str) -> None:
+    """One ``DownloadError`` line for a base URL urllib would reject with a ValueError or InvalidURL traceback."""
+    expected = "expected http://host/path, https://host/path or file:///path"
+    try:
+        parts = urllib.parse.urlsplit(base)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError as exc:
+        raise DownloadError(f"base URL {base!r} is malformed ({exc}); {expected}") from None
+    if parts.scheme not in _URL_SCHEMES or (parts.scheme != "file" and not parts.hostname):
+        raise DownloadError(f"base URL {base!r} is malformed; {expected}")
 
 
 def cached_path(name: str, cache_dir_override: str | os.PathLike | None = None) -> Path:
@@ -136,10 +155,53 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _stream(response: IO[bytes], handle: IO[bytes], total: int | None, progress: _Progress) -> tuple[int, str]:
+class _Deadline:
+    """The overall ``--timeout``: how long is left, and how long the next socket wait may be."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return float("inf") if self.end is None else self.end - time.monotonic()
+
+    def passed(self) -> bool:
+        return self.remaining() <= 0
+
+    def socket_timeout(self) -> float:
+        return max(0.01, min(READ_TIMEOUT, self.remaining()))
+
+
+class _DeadlinePassed(Exception):
+    pass
+
+
+def _set_read_timeout(response: object, seconds: float) -> None:
+    """Shorten the socket timeout to what is left of the deadline (best effort: urllib hides the socket)."""
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
+def _stream(
+    response: IO[bytes], handle: IO[bytes], total: int | None, progress: _Progress, deadline: _Deadline
+) -> tuple[int, str]:
     digest = hashlib.sha256()
     done = 0
-    while chunk := response.read(_CHUNK):
+    # read1 returns whatever one socket read gave, so a trickle of bytes cannot hold a 1 MiB read open forever
+    read = getattr(response, "read1", response.read)
+    while True:
+        if deadline.passed():
+            raise _DeadlinePassed(done)
+        _set_read_timeout(response, deadline.socket_timeout())
+        try:
+            chunk = read(_CHUNK)
+        except TimeoutError:
+            if deadline.passed():
+                raise _DeadlinePassed(done) from None
+            raise
+        if not chunk:
+            break
         handle.write(chunk)
         digest.update(chunk)
         done += len(chunk)
@@ -148,21 +210,42 @@ def _stream(response: IO[bytes], handle: IO[bytes], total: int | None, progress:
     return done, digest.hexdigest()
 
 
-def _fetch(url: str, handle: IO[bytes], label: str, progress: bool, timeout: float) -> tuple[int | None, int, str]:
+def _fetch(url: str, handle: IO[bytes], label: str, progress: bool, deadline: _Deadline) -> tuple[int | None, int, str]:
     """Stream ``url`` into ``handle``; returns (Content-Length or None, bytes received, sha256 hex)."""
-    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    except ValueError as exc:
+        raise DownloadError(f"{url}: not a URL that can be downloaded ({exc})") from None
+    try:
+        with urllib.request.urlopen(request, timeout=deadline.socket_timeout()) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            done, digest = _stream(response, handle, total, _Progress(label, total, progress))
+            done, digest = _stream(response, handle, total, _Progress(label, total, progress), deadline)
+    except _DeadlinePassed as exc:
+        raise DownloadError(
+            f"{url}: not finished within the {deadline.seconds:g} s timeout ({exc.args[0]} bytes received); "
+            "raise --timeout for a slow connection"
+        ) from None
     except urllib.error.HTTPError as exc:
-        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        if 300 <= exc.code < 400:
+            raise DownloadError(f"{url}: too many redirects (HTTP {exc.code}: a redirect loop)") from None
+        raise DownloadError(f"{url}: HTTP {exc.code} {_first_line(exc.reason)}") from None
     except urllib.error.URLError as exc:
-        raise DownloadError(f"{url}: cannot connect ({exc.reason})") from None
-    except (http.client.HTTPException, OSError) as exc:
-        raise DownloadError(f"{url}: download interrupted ({type(exc).__name__}: {exc})") from None
+        if deadline.passed():
+            raise DownloadError(f"{url}: no answer within the {deadline.seconds:g} s timeout") from None
+        raise DownloadError(f"{url}: cannot connect ({_first_line(exc.reason)})") from None
+    except TimeoutError:
+        if deadline.passed():
+            raise DownloadError(f"{url}: not finished within the {deadline.seconds:g} s timeout") from None
+        raise DownloadError(f"{url}: download stalled (no data for {READ_TIMEOUT:g} s)") from None
+    except (http.client.HTTPException, OSError, ValueError) as exc:
+        raise DownloadError(f"{url}: download interrupted ({type(exc).__name__}: {_first_line(exc)})") from None
     return total, done, digest
+
+
+def _first_line(reason: object) -> str:
+    lines = str(reason).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def download(
@@ -171,13 +254,18 @@ def download(
     cache_dir: str | os.PathLike | None = None,
     base_url: str | None = None,
     progress: bool = True,
-    timeout: float = 60.0,
+    timeout: float | None = DEFAULT_TIMEOUT,
 ) -> Path:
     """Fetch a published checkpoint into the cache and return its path; reuse a cached copy whose sha256 matches.
 
-    The file is streamed into a temp file in the cache folder, fsynced, checked against the published sha256 and
-    only then renamed into place, so an interrupted or corrupted download never leaves a file under the final
-    name. Failures raise ``DownloadError`` with one line (a checksum mismatch says expected vs got)."""
+    The file is streamed into ``.<name>.pt.part-<pid>-<starttime>`` in the cache folder, fsynced, checked against
+    the published sha256 and only then renamed into place, so an interrupted or corrupted download never leaves a
+    file under the final name; such part files of runs that no longer exist are removed by the next download.
+    ``timeout`` bounds the whole download in seconds (None: no limit; any single read still gives up after
+    ``READ_TIMEOUT``). Failures raise ``DownloadError`` with one line (a checksum mismatch says expected vs got)."""
+    if timeout is not None and not timeout > 0:
+        raise DownloadError(f"--timeout must be a positive number of seconds, got {timeout}")
+    deadline = _Deadline(timeout)
     weights = published(name)
     folder = _resolve_cache_dir(cache_dir)
     final = folder / weights.filename
@@ -191,13 +279,15 @@ def download(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DownloadError(f"cannot create cache folder {folder} ({exc.strerror or exc})") from None
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{weights.filename}.", suffix=".part", dir=folder)
-    tmp = Path(tmp_name)
+    removed = clean_stale_staging(folder, weights.filename)
+    if removed and progress:
+        sys.stderr.write(f"{folder}: {describe_removed(removed)}\n")
+    tmp = staging_path(final, "part")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp, "wb") as handle:
             if progress:
                 sys.stderr.write(f"Downloading {url} -> {final}\n")
-            total, done, digest = _fetch(url, handle, name, progress, timeout)
+            total, done, digest = _fetch(url, handle, name, progress, deadline)
             handle.flush()
             os.fsync(handle.fileno())
         if total is not None and done != total:
@@ -206,7 +296,10 @@ def download(
             raise DownloadError(
                 f"{url}: sha256 mismatch: expected {weights.sha256}, got {digest}; the downloaded file was deleted"
             )
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError as exc:  # e.g. the part file was removed meanwhile by a run that could not see this pid
+            raise DownloadError(f"{url}: cannot move the download into place ({exc.strerror or exc})") from None
     finally:
         tmp.unlink(missing_ok=True)  # a no-op after the rename; removes the partial file on any failure
     return final
@@ -234,6 +327,7 @@ def resolve_source(
 __all__ = [
     "BASE_URL_ENV",
     "CACHE_ENV",
+    "DEFAULT_TIMEOUT",
     "PUBLISHED",
     "PublishedWeights",
     "cache_dir",

@@ -6,18 +6,28 @@ process made it, and ``clean_stale_staging`` removes it once that process no lon
 of ``/proc/<pid>/stat``) tells a dead run from a new process that happens to have the same pid.
 
 ``OutputLock`` holds an ``flock`` on ``.OUT.lock``: the kernel drops it when the process dies, so a lock is never
-stale, and the pid written inside names the run that holds it. Torch-free, standard library only.
+stale, and the pid written inside names the run that holds it.
+
+``sticky_interrupts`` makes Ctrl-C reliable around libraries that swallow it: onnxsim's C++ wraps its Python
+callbacks (onnxruntime constant folding, shape inference) in catch-all blocks, so a ``KeyboardInterrupt`` raised
+inside one is caught and the simplification simply continues. The handler also remembers the signal, and
+``raise_if_interrupted`` raises it again at the next check (export checks before it renames anything into place).
+Torch-free, standard library only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 
 from pvt_deploy.errors import OutputError
 
@@ -106,7 +116,8 @@ def clean_stale_staging(parent: Path, name: str) -> list[Path]:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not ours to remove (permissions): leave it, do not report it
+                path.unlink(missing_ok=True)
         if not path.exists() and not path.is_symlink():
             removed.append(path)
     return removed
@@ -138,9 +149,12 @@ class OutputLock:
     def acquire(self) -> None:
         if fcntl is None:  # pragma: no cover
             return
-        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise OutputError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -187,3 +201,37 @@ class OutputLock:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.release()
+
+
+_interrupted = threading.Event()
+
+
+def _remembering_handler(signum: int, frame: FrameType | None) -> None:
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` if SIGINT arrived inside ``sticky_interrupts``, even if a library swallowed it."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sticky_interrupts() -> Iterator[None]:
+    """SIGINT raises ``KeyboardInterrupt`` as usual and is also remembered until the block ends; the block ends by
+    raising it if it was swallowed. Only takes over Python's default handler, in the main thread."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield  # ignored (nohup), someone else's handler, or already inside a sticky block
+        return
+    _interrupted.clear()
+    signal.signal(signal.SIGINT, _remembering_handler)
+    try:
+        yield
+        raise_if_interrupted()
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _interrupted.clear()

@@ -6,6 +6,7 @@ import hashlib
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,17 +24,24 @@ PAYLOAD = bytes(range(256)) * 5000  # 1.28 MB: several 1 MiB chunks
 
 
 class _Server:
-    """Serves ``files`` (path -> bytes); ``truncate`` sends a full Content-Length but only half the body."""
+    """Serves ``files`` (path -> bytes); ``truncate`` sends a full Content-Length but only half the body;
+    ``drip`` sends the body one byte every ``drip`` seconds; ``/loop`` redirects to itself."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.truncate = False
+        self.drip: float | None = None
         self.requests: list[str] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 server.requests.append(self.path)
+                if self.path.startswith("/loop"):
+                    self.send_response(302)
+                    self.send_header("Location", self.path)
+                    self.end_headers()
+                    return
                 body = server.files.get(self.path)
                 if body is None:
                     self.send_error(404, "Not Found")
@@ -42,8 +50,23 @@ class _Server:
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if server.drip is not None:
+                    self._drip(body, server.drip)
+                    return
                 self.wfile.write(body[: len(body) // 2] if server.truncate else body)
                 self.wfile.flush()
+
+            def _drip(self, body: bytes, every: float) -> None:
+                give_up = time.monotonic() + 10  # a client without a deadline then fails instead of hanging
+                try:
+                    for index in range(len(body)):
+                        if time.monotonic() > give_up:
+                            return
+                        self.wfile.write(body[index : index + 1])
+                        self.wfile.flush()
+                        time.sleep(every)
+                except OSError:  # the client gave up
+                    pass
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -223,3 +246,74 @@ def test_progress_line_on_a_terminal(server: _Server, tmp_path: Path, monkeypatc
 def test_no_progress_output_when_disabled(server: _Server, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     hub.download(NAME, cache_dir=tmp_path, base_url=server.base_url, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_overall_timeout_stops_a_dripping_server(server: _Server, tmp_path: Path) -> None:
+    server.drip = 0.2  # each read gets a byte well within the per-read limit; only an overall deadline stops it
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"not finished within the 1\.5 s timeout \(\d+ bytes received\)"):
+        hub.download(NAME, cache_dir=tmp_path, base_url=server.base_url, progress=False, timeout=1.5)
+    assert time.monotonic() - started < 5
+    assert _leftovers(tmp_path) == []
+
+
+def test_cli_timeout_option_is_one_line(server: _Server, tmp_path: Path) -> None:
+    server.drip = 0.2
+    result = CliRunner().invoke(
+        cli, ["download", NAME, "--cache-dir", str(tmp_path), "--base-url", server.base_url, "--timeout", "1", "-q"]
+    )
+    assert result.exit_code == DownloadError.exit_code
+    assert result.output.count("\n") == 1 and result.output.startswith("Error: ") and "1 s timeout" in result.output
+    bad = CliRunner().invoke(cli, ["download", NAME, "--cache-dir", str(tmp_path), "--timeout", "0"])
+    assert bad.exit_code == 2 and "--timeout" in bad.output
+
+
+@pytest.mark.parametrize("base_url", ["htp://127.0.0.1/m", "http://127.0.0.1:port/m", "http://[::1/x", "models"])
+def test_malformed_base_url_is_one_error_line(base_url: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["download", NAME, "--cache-dir", str(tmp_path), "--base-url", base_url, "-q"])
+    assert result.exit_code == DownloadError.exit_code, result.output
+    assert result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"Error: base URL {base_url!r} is malformed")
+    assert _leftovers(tmp_path) == []
+
+
+def test_redirect_loop_is_one_error_line(server: _Server, tmp_path: Path) -> None:
+    loop = server.base_url.replace("/models", "/loop")
+    result = CliRunner().invoke(cli, ["download", NAME, "--cache-dir", str(tmp_path), "--base-url", loop, "-q"])
+    assert result.exit_code == DownloadError.exit_code
+    assert result.output.count("\n") == 1, result.output
+    assert "too many redirects" in result.output
+    assert _leftovers(tmp_path) == []
+
+
+def test_part_files_of_killed_downloads_are_removed_and_reported(
+    server: _Server, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    killed = tmp_path / f".{NAME}.pt.part-{gone.pid}-4242"
+    killed.write_bytes(PAYLOAD[:1000])
+    other = tmp_path / "unrelated.part"
+    other.write_bytes(b"x")
+    path = hub.download(NAME, cache_dir=tmp_path, base_url=server.base_url, progress=True)
+    assert path.read_bytes() == PAYLOAD
+    assert _leftovers(tmp_path) == sorted([path.name, other.name])
+    assert f"removed 1 leftover of interrupted runs: {killed.name}" in capsys.readouterr().err
+
+
+def test_a_killed_download_leaves_a_part_file_the_next_one_removes(server: _Server, tmp_path: Path) -> None:
+    server.drip = 0.05
+    code = (
+        "from pvt_deploy import hub; "
+        f"hub.download({NAME!r}, cache_dir={str(tmp_path)!r}, base_url={server.base_url!r}, progress=False)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 30
+    while not any(".part-" in name for name in _leftovers(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.kill()
+    child.wait()
+    assert [name for name in _leftovers(tmp_path) if ".part-" in name], "the child never started writing"
+    server.drip = None
+    path = hub.download(NAME, cache_dir=tmp_path, base_url=server.base_url, progress=False)
+    assert _leftovers(tmp_path) == [path.name]

@@ -101,3 +101,19 @@ def test_lock_of_a_killed_process_is_not_stale(tmp_path: Path):
     assert (tmp_path / ".out.lock").exists()  # SIGKILL leaves the file, but the kernel dropped the lock
     with OutputLock(out):
         assert (tmp_path / ".out.lock").read_text().strip() == str(os.getpid())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_lock_in_a_read_only_folder_is_one_line(tmp_path: Path):
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(OutputError, match=f"cannot lock {tmp_path / 'out'}: Permission denied"):
+            OutputLock(tmp_path / "out").acquire()
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_lock_where_the_parent_is_a_file_is_one_line(tmp_path: Path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="cannot lock .*: (File exists|Not a directory)"):
+        OutputLock(tmp_path / "file" / "out").acquire()

@@ -16,6 +16,7 @@ import click
 
 from pvt_deploy import __version__
 from pvt_deploy.errors import MissingExtraError, PvtDeployError
+from pvt_deploy.staging import sticky_interrupts
 
 # name -> ("module:attribute", short help, extras it needs). Each area owns its own module under pvt_deploy/cli/; the
 # short help is listed here so `pvt-deploy --help` imports nothing heavy, and the extras turn a missing package into
@@ -124,7 +125,8 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with sticky_interrupts():  # a Ctrl-C that a library swallows (onnxsim's C++) still ends in exit 130
+                return super().invoke(ctx)
         except PvtDeployError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)

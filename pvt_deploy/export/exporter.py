@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,14 @@ from pvt_deploy.manifest import (
 from pvt_deploy.model.checkpoint import LoadedCheckpoint
 from pvt_deploy.model.pvt_v2 import BIRDER_LAYER_NORM_EPS
 from pvt_deploy.preprocess import resize_spec
+from pvt_deploy.staging import (
+    OutputLock,
+    clean_stale_staging,
+    describe_removed,
+    raise_if_interrupted,
+    staging_path,
+    sticky_interrupts,
+)
 
 BATCH_SWEEP = (1, 2, 3, 7)
 """Batches every graph runs at after export; 2+ catches a batch size baked into a Reshape."""
@@ -239,10 +245,11 @@ def _check_destination(out_dir: Path, force: bool) -> None:
 
 def _move_into_place(tmp_dir: Path, out_dir: Path, force: bool) -> None:
     """Rename the finished folder into place; with --force the old folder goes only after the new one is in."""
+    raise_if_interrupted()  # a Ctrl-C that a library swallowed still stops the export before anything is replaced
     _check_destination(out_dir, force)
     old = None
     if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        old = staging_path(out_dir, "old")
         out_dir.rename(old)
     try:
         tmp_dir.rename(out_dir)
@@ -255,21 +262,28 @@ def _move_into_place(tmp_dir: Path, out_dir: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def _staging_dir(out_dir: Path):
-    """A hidden sibling folder that is removed on any failure, KeyboardInterrupt included."""
+def _staging_dir(out_dir: Path, log: Progress):
+    """A hidden sibling folder that is removed on any failure, KeyboardInterrupt included, while ``out_dir`` is
+    locked against a second run. Its name carries this process's pid and start time, so the next run removes the
+    folder of a run that was killed (SIGKILL) and says so."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    tmp_dir.mkdir()
-    try:
-        yield tmp_dir
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    finally:
-        if tmp_dir.exists() and not out_dir.exists():
+    with OutputLock(out_dir):
+        removed = clean_stale_staging(out_dir.parent, out_dir.name)
+        if removed:
+            log(f"{out_dir.parent}: {describe_removed(removed)}")
+        tmp_dir = staging_path(out_dir, "partial")
+        tmp_dir.mkdir()
+        try:
+            yield tmp_dir
+        except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+        finally:
+            if tmp_dir.exists() and not out_dir.exists():
+                shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+@sticky_interrupts()
 def export_model(
     source_or_loaded: str | Path | LoadedCheckpoint,
     out_dir: str | Path | None = None,
@@ -323,7 +337,7 @@ def export_model(
     parity: dict[str, Any] = {"export": {}}
     steps: dict[str, Any] = {}
 
-    with _staging_dir(out_dir) as tmp_dir:
+    with _staging_dir(out_dir, log) as tmp_dir:
         fp32_paths: list[Path] = []
         for graph in GRAPH_NAMES:
             path = tmp_dir / graph_filename(graph)
@@ -338,6 +352,7 @@ def export_model(
                 opset=opset,
             )
             simplified = onnx_io.simplify_graph(path, simplifier)
+            raise_if_interrupted()  # onnxsim's C++ swallows a KeyboardInterrupt raised in its Python callbacks
             optimized, backup = _try_optimize_fp32(path, graph, log)
             metadata = graph_metadata(source, graph, "fp32", dynamic_size)
             result, rejected = _finish_fp32_graph(path, graph, metadata, cache, cases, backup)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import pickletools
 import re
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,10 @@ BIRDER_FORMAT_VERSION = "v0.8.4"
 CLASSIFICATION_TASK = "image_classification"
 _REQUIRED_KEYS = ("state", "signature", "class_to_idx", "rgb_stats")
 _SHAPE_FIELDS = ("depths", "embed_dims", "mlp_ratios", "linear")
+MAX_INPUT_SIDE = 2048
+"""Largest input side a signature may claim (the exporter's dynamic-size bound). Export allocates sample batches
+of the signature's size, so an unchecked 320000x320000 claim asks for terabytes."""
+_REFUSED = "refused: not a weights-only checkpoint; nothing was executed"
 
 
 @dataclass
@@ -103,20 +109,44 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
+def _is_pickle_stream(path: Path) -> bool:
+    """Whether the file starts with one well-formed pickle (zip checkpoints count); parsed, never executed."""
+    if zipfile.is_zipfile(path):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            for opcode, _arg, _pos in pickletools.genops(handle):
+                if opcode.name == "STOP":
+                    return True
+    except Exception:  # genops raises ValueError, EOFError, UnicodeDecodeError... on non-pickle bytes
+        return False
+    return False
+
+
+def _refusal(path: Path, exc: pickle.UnpicklingError) -> CheckpointError:
+    """One line for torch's weights-only refusal. torch's own text advises ``weights_only=False`` (running the
+    file's code); that advice is never passed on, only what was refused."""
+    text = str(exc)
+    global_match = re.search(r"\bGLOBAL (\S+?)(?=\s|$)", text)
+    if global_match:
+        detail = f"it asks for {global_match.group(1)}, which a plain weights file never needs"
+    elif operand := re.search(r"Unsupported operand (\d+)", text):
+        if not _is_pickle_stream(path):
+            return CheckpointError(f"{path}: not a PyTorch checkpoint (not pickle data)")
+        detail = f"it uses pickle opcode {operand.group(1)}, which torch.save never writes"
+    else:
+        detail = "torch's weights-only unpickler rejected it"
+    return CheckpointError(f"{path}: {_REFUSED} ({detail})")
+
+
 def _read_pt(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns (2 lines) about any pickle protocol but 2 before refusing or reading a raw pickle
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.(_weights_only_unpickler|serial)")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's weights_only unpickler names what it refused after "WeightsUnpickler error:"
-        match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
-        reason = match.group(1).strip() if match else (str(exc).strip().splitlines() or ["unpickling failed"])[0]
-        global_match = re.search(r"Unsupported global: GLOBAL (\S+)", reason)
-        if global_match:
-            raise CheckpointError(
-                f"{path}: refused to load: the pickle asks to run {global_match.group(1)}, which a plain weights "
-                "file never needs; nothing from it was executed"
-            ) from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (not a weights-only pickle: {reason})") from None
+        raise _refusal(path, exc) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as exc:
         if isinstance(exc, KeyError):  # the pickle machinery's lookup of an unknown opcode byte, e.g. KeyError(105)
             reason = "not pickle data"
@@ -247,6 +277,36 @@ def _resolve_network(
     return base, overrides
 
 
+def _check_signature(
+    path: Path,
+    size: tuple[int, int],
+    num_classes: int,
+    input_channels: int,
+    state: dict[str, torch.Tensor],
+    embedding_dim: int,
+) -> None:
+    """Bound what the signature claims before anything is allocated from it: the input size by MAX_INPUT_SIDE;
+    class and channel counts that differ from the weights' are refused here when the layer they would build could
+    not even fit in the file (smaller mismatches get the detailed shape report after the model is built)."""
+    if not all(32 <= side <= MAX_INPUT_SIDE for side in size):
+        raise CheckpointError(
+            f"{path}: signature input size {size[0]}x{size[1]} is outside 32..{MAX_INPUT_SIDE} px per side"
+        )
+    if size[0] % 32 or size[1] % 32:
+        raise CheckpointError(f"{path}: signature input size {size} is not a multiple of 32")
+    file_bytes = path.stat().st_size
+    patch = state["patch_embed.proj.weight"]
+    weight_channels = int(patch.shape[1])
+    if input_channels != weight_channels and input_channels * patch[:, :1].numel() * 4 > file_bytes:
+        raise CheckpointError(
+            f"{path}: signature says {input_channels} input channels, the weights have {weight_channels}"
+        )
+    classifier = state.get("classifier.weight")
+    weight_classes = int(classifier.shape[0]) if classifier is not None else 0
+    if num_classes != weight_classes and num_classes * embedding_dim * 4 > file_bytes:
+        raise CheckpointError(f"{path}: signature says {num_classes} classes, the weights have {weight_classes}")
+
+
 def _labels(path: Path, class_to_idx: dict[str, int], num_classes: int) -> list[str]:
     if not isinstance(class_to_idx, dict):
         raise CheckpointError(f"{path}: class_to_idx is not a dict")
@@ -306,10 +366,9 @@ def load_checkpoint(
         inferred = infer_config(state)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    _check_signature(path, size, num_classes, input_channels, state, inferred.embed_dims[-1])
     network_name, overrides = _resolve_network(payload, network, inferred)
     config = PVT_V2_CONFIGS[network_name].with_overrides(overrides)
-    if size[0] % 32 or size[1] % 32:
-        raise CheckpointError(f"{path}: signature input size {size} is not a multiple of 32")
     try:
         model = PVTv2(
             config,
