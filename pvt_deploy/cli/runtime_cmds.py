@@ -104,6 +104,11 @@ def _job_options(func: Any) -> Any:
     return func
 
 
+def _pop_job_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Split ``_job_options``' values from the runtime options click passed in the same ``**options``."""
+    return {key: options.pop(key) for key in ("resume", "overwrite", "chunk_size", "engine", "address", "actors")}
+
+
 @contextlib.contextmanager
 def _warnings_as_lines() -> Iterator[None]:
     """Runtime warnings become one ``Warning: ...`` line instead of a Python warning."""
@@ -229,7 +234,7 @@ def predict(model_dir: Path, images: tuple[str, ...], top_k: int, as_json: bool,
             from_list: tuple[str, ...], quiet: bool, **options: Any) -> None:  # fmt: skip
     """Top-k labels for each IMAGE (files, folders, globs, --from-list), in order. Without --out, answers print
     as each chunk finishes; bad images are named on stderr (exit 4) and the rest are still answered."""
-    job = {key: options.pop(key) for key in ("resume", "overwrite", "chunk_size", "engine", "address", "actors")}
+    job = _pop_job_options(options)
     with _warnings_as_lines():
         inputs = collect_inputs(images, from_list)
         runtime = _open_runtime(model_dir, options)
@@ -287,7 +292,7 @@ def embed(model_dir: Path, paths: tuple[str, ...], out: Path, normalize: bool, t
           from_list: tuple[str, ...], quiet: bool, **options: Any) -> None:  # fmt: skip
     """Embeddings of files, folders (recursively), globs and --from-list paths into OUT, written part by part;
     every input is a row, failed ones with their error. Interrupted runs continue with --resume."""
-    job = {key: options.pop(key) for key in ("resume", "overwrite", "chunk_size", "engine", "address", "actors")}
+    job = _pop_job_options(options)
     with _warnings_as_lines():
         inputs = collect_inputs(paths, from_list)
         runtime = _open_runtime(model_dir, options)
@@ -309,7 +314,7 @@ def features(model_dir: Path, images: tuple[str, ...], out: Path, from_list: tup
              **options: Any) -> None:  # fmt: skip
     """stage1..stage4 feature maps (float32, NCHW with N=1 per image): one IMAGE into OUT.npz, or many into a
     folder, written part by part and resumable."""
-    job = {key: options.pop(key) for key in ("resume", "overwrite", "chunk_size", "engine", "address", "actors")}
+    job = _pop_job_options(options)
     with _warnings_as_lines():
         inputs = collect_inputs(images, from_list)
         runtime = _open_runtime(model_dir, options)
