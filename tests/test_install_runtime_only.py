@@ -21,7 +21,7 @@ PHOTO = REPO / "tests" / "data" / "photos" / "chelsea.png"
 
 pytestmark = pytest.mark.slow
 
-# The packages a CPU-only service installs instead of the default onnxruntime-gpu (docs/runtime.md, "Install").
+# The packages a CPU-only service installs instead of the default onnxruntime-gpu (README.md, "Installs").
 CPU_ONLY_REQUIREMENTS = ["onnxruntime", "numpy", "pillow", "click"]
 
 
