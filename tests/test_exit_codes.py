@@ -56,3 +56,15 @@ def test_output_in_the_way_is_one_code_everywhere() -> None:
     export_doc = (REPO / "docs/export.md").read_text(encoding="utf-8")
     assert "1 the output folder exists" in export_doc
     assert "6 export failed (incl. an existing folder" not in export_doc
+
+
+def test_every_exit_code_mentioned_anywhere_is_in_the_table() -> None:
+    """'exit 4', 'exits 7', 'exit code 3', 'exit 8/9' in the README or any docs page name a code the CLI uses."""
+    mention = re.compile(r"\bexit(?:s| code| codes)? (\d+(?:/\d+)*)", flags=re.IGNORECASE)
+    found: dict[str, set[int]] = {}
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for group in mention.findall(doc.read_text(encoding="utf-8")):
+            found.setdefault(doc.name, set()).update(int(code) for code in group.split("/"))
+    assert len(found) >= 3, f"found exit codes in only {sorted(found)}; the pattern is stale"
+    unknown = {doc: codes - set(EXIT_CODES) for doc, codes in found.items() if codes - set(EXIT_CODES)}
+    assert not unknown, f"docs mention exit codes the CLI never uses: {unknown}"
