@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import re
 import sys
 from typing import Any
@@ -146,7 +147,16 @@ def cli() -> None:
 
 
 def main() -> None:
-    cli(prog_name="pvt-deploy")
+    try:
+        cli(prog_name="pvt-deploy")
+    except SystemExit as exc:
+        if exc.code == 130:
+            # once an interrupt has passed through C code (torch's start-up, onnxsim), CPython ends the process with
+            # SIGINT at exit, which shells see as 130 but a parent process as -2; exit with 130 itself instead
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        raise
 
 
 if __name__ == "__main__":
