@@ -24,6 +24,10 @@ from pvt_deploy.jobs.tasks import Decoded, JobSpec, compute_part
 from pvt_deploy.preprocess import Preprocessor
 from pvt_deploy.runtime import Runtime
 
+DECODE_CPUS = 0.25
+ACTOR_CPUS = 0.75
+"""Per decode task and per Runtime actor: an actor per CPU still leaves room for decode tasks beside it."""
+
 
 def _decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor) -> dict[str, Any]:
     """A Ray task: paths -> model rows (zeros where decoding failed) plus the failure messages."""
@@ -99,13 +103,17 @@ def compute_on_ray(
     }
     size = int(actors or max(1, int(ray.available_resources().get("CPU", 1))))
     dataset = ray.data.from_items([{"index": i, "path": inputs[i]} for i in range(done, len(inputs))])
-    dataset = dataset.map_batches(_decode_batch, fn_kwargs={"preprocessor": runtime.spec}, batch_size=chunk_size)
+    # Different CPU shares keep Ray from fusing the decode tasks into the actors: decoding stays in tasks that any
+    # free CPU can run, while each actor holds its Runtime (and a session) for the whole job.
+    dataset = dataset.map_batches(
+        _decode_batch, fn_kwargs={"preprocessor": runtime.spec}, batch_size=chunk_size, num_cpus=DECODE_CPUS
+    )
     dataset = dataset.map_batches(
         _InferActor,
         fn_constructor_kwargs={"runtime_options": runtime_options, "spec": spec, "features_dir": str(features_dir)},
         batch_size=chunk_size,
         compute=ray.data.ActorPoolStrategy(size=size),
-        num_cpus=1,
+        num_cpus=ACTOR_CPUS,
     )
     rows: list[dict[str, Any]] = []
     vectors: list[np.ndarray] = []
