@@ -129,13 +129,18 @@ class EmbeddingIndex:
         staging.rename(db)
         return cls(db)
 
-    def search(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
-        """The ``k`` most similar stored rows (cosine similarity, highest first) for each query vector."""
+    def search(
+        self, vectors: np.ndarray, k: int = 10, *, nprobes: int | None = None, refine_factor: int | None = None
+    ) -> list[list[Hit]]:
+        """The ``k`` most similar stored rows (cosine similarity, highest first) for each query vector.
+
+        With an index: ``nprobes`` IVF partitions are scanned and ``refine_factor * k`` candidates re-ranked by
+        their exact vectors (defaults: NPROBES, REFINE_FACTOR; benchmarks/search_bench.py sweeps them)."""
         results = []
         for vector in normalize(np.atleast_2d(np.asarray(vectors, np.float32))):
             query = self.table.search(vector).distance_type("cosine").limit(k)
             if self.info.get("ann"):
-                query = query.nprobes(NPROBES).refine_factor(REFINE_FACTOR)
+                query = query.nprobes(nprobes or NPROBES).refine_factor(refine_factor or REFINE_FACTOR)
             found = query.select(["path", "_distance"]).to_arrow()
             distances = found["_distance"].to_pylist()
             results.append([Hit(p, 1.0 - d) for p, d in zip(found["path"].to_pylist(), distances, strict=True)])
