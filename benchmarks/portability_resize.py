@@ -28,7 +28,9 @@ SIZE = (384, 384)
 
 def resize_model(dtype: int) -> ort.InferenceSession:
     nodes = [
-        helper.make_node("Constant", [], ["sizes"], value=helper.make_tensor("s", TensorProto.INT64, [4], [1, *SIZE, 3])),
+        helper.make_node(
+            "Constant", [], ["sizes"], value=helper.make_tensor("s", TensorProto.INT64, [4], [1, *SIZE, 3])
+        ),
         helper.make_node("Constant", [], ["axes"], value=helper.make_tensor("a", TensorProto.INT64, [1], [0])),
         helper.make_node("Unsqueeze", ["x", "axes"], ["x4"]),
     ]
@@ -38,8 +40,14 @@ def resize_model(dtype: int) -> ort.InferenceSession:
         source = "xf"
     nodes.append(
         helper.make_node(
-            "Resize", [source, "", "", "sizes"], ["r"], mode="cubic", cubic_coeff_a=-0.5, antialias=1,
-            coordinate_transformation_mode="half_pixel", exclude_outside=0,
+            "Resize",
+            [source, "", "", "sizes"],
+            ["r"],
+            mode="cubic",
+            cubic_coeff_a=-0.5,
+            antialias=1,
+            coordinate_transformation_mode="half_pixel",
+            exclude_outside=0,
         )
     )
     if dtype == TensorProto.FLOAT:
@@ -56,7 +64,9 @@ def resize_model(dtype: int) -> ort.InferenceSession:
     else:
         nodes.append(helper.make_node("Squeeze", ["r", "axes"], ["y"]))
     graph = helper.make_graph(
-        nodes, "resize", [helper.make_tensor_value_info("x", TensorProto.UINT8, ["h", "w", 3])],
+        nodes,
+        "resize",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, ["h", "w", 3])],
         [helper.make_tensor_value_info("y", TensorProto.UINT8, [*SIZE, 3])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
@@ -65,8 +75,8 @@ def resize_model(dtype: int) -> ort.InferenceSession:
 
 def main() -> None:
     candidates = {
-        "resize_uint8": lambda s: (lambda a: s.run(["y"], {"x": a})[0]),
-        "resize_float": lambda s: (lambda a: s.run(["y"], {"x": a})[0]),
+        "resize_uint8": lambda s: lambda a: s.run(["y"], {"x": a})[0],
+        "resize_float": lambda s: lambda a: s.run(["y"], {"x": a})[0],
     }
     sessions = {"resize_uint8": resize_model(TensorProto.UINT8), "resize_float": resize_model(TensorProto.FLOAT)}
     fixed = ort.InferenceSession(

@@ -3,7 +3,7 @@
 The resize repeats Pillow's BICUBIC arithmetic (``src/libImaging/Resample.c``): a separable a=-0.5 cubic whose
 support widens by ``in/out`` when downscaling, coefficients normalised per output pixel and rounded to 22-bit
 fixed point, a rounding offset of ``2**21``, an arithmetic shift and a clip to 0..255 after each pass, horizontal
-pass first. The coefficient matrices depend on the input size, so the graph builds them at run time from
+pass first unless the height shrinks by more than twice what the width does (Pillow 13.0's rule). The coefficient matrices depend on the input size, so the graph builds them at run time from
 ``Shape`` with Range/Sub/Abs/Where/Div; each pass is one float64 MatMul whose sums of integer products are exact.
 Measured against ONNX ``Resize(cubic, antialias=1)`` in docs/portability.md (this one is the closer).
 
@@ -27,6 +27,8 @@ IMAGE_INPUT_NAME = "image"
 PRECISION_BITS = 32 - 8 - 2
 """Pillow's fixed-point precision of 8-bit resampling coefficients."""
 CUBIC_A = -0.5
+MIN_OPSET = 13
+"""Squeeze/Unsqueeze/ReduceSum take axes as inputs from opset 13 on."""
 _PREFIX = "pre_"
 
 
@@ -38,19 +40,20 @@ def _const(name: str, value: np.ndarray | float | int | Sequence, dtype: type = 
 class _Builder:
     """A small node list with unique names (every name carries the ``pre_`` prefix)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = _PREFIX) -> None:
         self.nodes: list[onnx.NodeProto] = []
+        self.prefix = prefix
         self._count = 0
 
     def const(self, value, dtype: type = np.float64) -> str:
         self._count += 1
-        name = f"{_PREFIX}c{self._count}"
+        name = f"{self.prefix}c{self._count}"
         self.nodes.append(_const(name, value, dtype))
         return name
 
     def op(self, op_type: str, *inputs: str, **attrs) -> str:
         self._count += 1
-        name = f"{_PREFIX}{op_type.lower()}{self._count}"
+        name = f"{self.prefix}{op_type.lower()}{self._count}"
         self.nodes.append(helper.make_node(op_type, list(inputs), [name], **attrs))
         return name
 
@@ -64,7 +67,9 @@ def _bicubic(b: _Builder, t: str) -> str:
     inner = b.op("Sub", b.op("Mul", b.const(CUBIC_A + 2.0), x), b.const(CUBIC_A + 3.0))
     near = b.op("Add", b.op("Mul", b.op("Mul", inner, x), x), one)
     # 1 <= |x| < 2: (((x - 5) x + 8) x - 4) a
-    far = b.op("Sub", b.op("Mul", b.op("Add", b.op("Mul", b.op("Sub", x, b.const(5.0)), x), b.const(8.0)), x), b.const(4.0))
+    far = b.op(
+        "Sub", b.op("Mul", b.op("Add", b.op("Mul", b.op("Sub", x, b.const(5.0)), x), b.const(8.0)), x), b.const(4.0)
+    )
     far = b.op("Mul", far, a)
     zero = b.const(0.0)
     return b.op("Where", b.op("Less", x, one), near, b.op("Where", b.op("Less", x, two), far, zero))
@@ -99,8 +104,14 @@ def _coefficients(b: _Builder, in_size: str, out_size: int) -> str:
 
 def _round_pass(b: _Builder, accumulated: str) -> str:
     """``clip8((2^21 + sum) >> 22)``: Pillow's rounding back to uint8 after a pass (values stay float64)."""
-    shifted = b.op("Floor", b.op("Div", b.op("Add", accumulated, b.const(float(1 << (PRECISION_BITS - 1)))),
-                                 b.const(float(1 << PRECISION_BITS))))
+    shifted = b.op(
+        "Floor",
+        b.op(
+            "Div",
+            b.op("Add", accumulated, b.const(float(1 << (PRECISION_BITS - 1)))),
+            b.const(float(1 << PRECISION_BITS)),
+        ),
+    )
     return b.op("Clip", shifted, b.const(0.0), b.const(255.0))
 
 
@@ -126,15 +137,39 @@ def preprocess_graph(
     shape = b.op("Cast", b.op("Shape", IMAGE_INPUT_NAME), to=TensorProto.DOUBLE)
     in_h = b.op("Squeeze", b.op("Slice", shape, b.const([0], np.int64), b.const([1], np.int64)), b.const([0], np.int64))
     in_w = b.op("Squeeze", b.op("Slice", shape, b.const([1], np.int64), b.const([2], np.int64)), b.const([0], np.int64))
-    horizontal = _coefficients(b, in_w, base_w)  # [base_w, W]
-    rows = _round_pass(b, b.op("MatMul", pixels, b.op("Transpose", horizontal, perm=[1, 0])))  # [3, H, base_w]
+    horizontal = b.op("Transpose", _coefficients(b, in_w, base_w), perm=[1, 0])  # [W, base_w]
     vertical = _coefficients(b, in_h, base_h)  # [base_h, H]
-    resized = _round_pass(b, b.op("MatMul", vertical, rows))  # [3, base_h, base_w]
+    # Pillow (13.0) runs the vertical pass first when the height shrinks by more than twice what the width does
+    shrink_h = b.op("Sub", in_h, b.const(float(base_h)))
+    shrink_w = b.op("Sub", in_w, b.const(float(base_w)))
+    vertical_first = b.op(
+        "And",
+        b.op("Greater", shrink_h, b.const(0.0)),
+        b.op("Greater", shrink_h, b.op("Mul", shrink_w, b.const(2.0))),
+    )
+    branches = {}
+    for name, order in (("then", ("vertical", "horizontal")), ("else", ("horizontal", "vertical"))):
+        sub = _Builder(f"{_PREFIX}{name}_")
+        value = pixels
+        for axis in order:
+            product = sub.op("MatMul", value, horizontal) if axis == "horizontal" else sub.op("MatMul", vertical, value)
+            value = _round_pass(sub, product)
+        sub.nodes.append(helper.make_node("Identity", [value], [f"{_PREFIX}{name}_resized"]))
+        branches[name] = helper.make_graph(
+            sub.nodes,
+            f"{name}_branch",
+            [],
+            [helper.make_tensor_value_info(f"{_PREFIX}{name}_resized", TensorProto.DOUBLE, [3, base_h, base_w])],
+        )
+    resized = b.op("If", vertical_first, then_branch=branches["then"], else_branch=branches["else"])
     if (base_h, base_w) != (height, width):
         top = int(round((base_h - height) / 2.0))
         left = int(round((base_w - width) / 2.0))
         resized = b.op(
-            "Slice", resized, b.const([top, left], np.int64), b.const([top + height, left + width], np.int64),
+            "Slice",
+            resized,
+            b.const([top, left], np.int64),
+            b.const([top + height, left + width], np.int64),
             b.const([1, 2], np.int64),
         )
     scaled = b.op("Mul", b.op("Cast", resized, to=TensorProto.FLOAT), b.const(np.float32(1.0 / 255.0), np.float32))
@@ -163,11 +198,11 @@ def image_graph(tensor_graph: Path, preprocess: onnx.ModelProto, out_path: Path)
 
     The tensor graph's batch dimension becomes 1: one image in, one row of each output out."""
     model = onnx.load(str(tensor_graph))
-    preprocess = onnx.ModelProto(preprocess)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(preprocess)
+    preprocess = copy
     preprocess.ir_version = model.ir_version
-    merged = onnx.compose.merge_models(
-        preprocess, model, io_map=[(INPUT_NAME, INPUT_NAME)], prefix1="", prefix2=""
-    )
+    merged = onnx.compose.merge_models(preprocess, model, io_map=[(INPUT_NAME, INPUT_NAME)], prefix1="", prefix2="")
     merged.graph.name = f"{model.graph.name or 'graph'}_image"
     onnx.save(merged, str(out_path))
     return out_path
