@@ -1,4 +1,6 @@
-"""Which ONNX resize gets closest to Pillow's BICUBIC (birder's resize)? Writes benchmarks/results/portability_resize.json.
+"""Which ONNX resize gets closest to Pillow's BICUBIC (birder's resize)?
+
+Writes benchmarks/results/portability_resize.json.
 
 Candidates on the repo photos (tests/data/photos), resized to 384x384:
 * ``resize_uint8``: ONNX Resize(cubic, cubic_coeff_a=-0.5, antialias=1, opset 18) on the uint8 image;

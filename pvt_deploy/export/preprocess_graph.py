@@ -3,7 +3,8 @@
 The resize repeats Pillow's BICUBIC arithmetic (``src/libImaging/Resample.c``): a separable a=-0.5 cubic whose
 support widens by ``in/out`` when downscaling, coefficients normalised per output pixel and rounded to 22-bit
 fixed point, a rounding offset of ``2**21``, an arithmetic shift and a clip to 0..255 after each pass, horizontal
-pass first unless the height shrinks by more than twice what the width does (Pillow 13.0's rule). The coefficient matrices depend on the input size, so the graph builds them at run time from
+pass first unless the height shrinks by more than twice what the width does (Pillow 13.0's rule). The coefficient
+matrices depend on the input size, so the graph builds them at run time from
 ``Shape`` with Range/Sub/Abs/Where/Div; each pass is one float64 MatMul whose sums of integer products are exact.
 Measured against ONNX ``Resize(cubic, antialias=1)`` in docs/portability.md (this one is the closer).
 
