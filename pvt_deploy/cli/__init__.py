@@ -27,6 +27,11 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("pvt_deploy.cli.info_cmds:info", "Describe an exported folder and check its checksums."),
     "train": ("pvt_deploy.cli.train_cmds:train", "MMCR pretraining and fine-tuning."),
     "bench": ("pvt_deploy.cli.bench_cmds:bench", "Benchmark PyTorch against onnxruntime variants."),
+    "conformance": (
+        "pvt_deploy.cli.conformance_cmds:conformance",
+        "Write preprocessing conformance vectors for other languages (torch-free).",
+        (),
+    ),
 }
 
 

@@ -77,7 +77,9 @@ class GraphPreprocessing:
                 name = self.entries[self.graph_for(graph)]["file"]
                 files = [name, *self.runtime.manifest.data_files()]
                 verify_files(self.runtime.model_dir, self.runtime.manifest, files)
-                session = create_session(self.runtime.manifest.path(name), self.runtime._providers, self.runtime.threads)
+                session = create_session(
+                    self.runtime.manifest.path(name), self.runtime._providers, self.runtime.threads
+                )
                 self._sessions[graph] = session
         return session
 
