@@ -87,7 +87,7 @@ class Runtime:
         images per their EXIF Orientation first (birder does not). ``max_image_bytes``: the largest image file
         read (``None``: no limit). ``cache_dir`` / ``cache_optimized`` are accepted for compatibility and do nothing:
         there is no optimized-graph cache any more (it did not pay for itself, docs/runtime.md). ``preprocess="graph"``:
-        classify/predict/embed run the image-input graphs (resize and normalisation inside ONNX, docs/portability.md)."""
+        classify/predict/embed run the image-input graphs (resize and normalisation in ONNX, docs/portability.md)."""
         self.model_dir = Path(model_dir)
         self.manifest: Manifest = load_manifest(self.model_dir)
         if device not in DEVICES:
