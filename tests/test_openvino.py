@@ -16,6 +16,7 @@ IMAGE_MAX_ABS = 2e-3
 the repo photos at 384: 99.99% of values equal, none off by more than 1), which the tiny model turns into <= 5e-4."""
 
 
+@pytest.mark.slow
 def test_every_graph_agrees_in_openvino(tiny_export_dir) -> None:
     core = ov.Core()
     rng = np.random.default_rng(0)
