@@ -55,3 +55,25 @@ def test_node_client_bad_image_is_one_error_line(tiny_export_dir, tmp_path) -> N
     )
     assert completed.returncode == 1
     assert completed.stderr.startswith("Error: ") and len(completed.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_node_client_passes_the_conformance_vectors(tiny_export_dir, tmp_path) -> None:
+    """Palette with transparency, 16-bit gray and an ICC-tagged JPEG decode in Node as the contract says."""
+    from pvt_deploy.conformance import write_conformance
+
+    assert (CLIENT_DIR / "node_modules").is_dir(), "run (cd clients/node && npm ci) first"
+    document = write_conformance(tiny_export_dir, tmp_path / "vectors")
+    images = [str(tmp_path / "vectors" / vector["image"]) for vector in document["vectors"]]
+    completed = subprocess.run(
+        [NODE, str(CLIENT_DIR / "pvt_client.mjs"), str(tiny_export_dir), *images, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    for line, vector in zip(completed.stdout.splitlines(), document["vectors"], strict=True):
+        record = vector["outputs"]["classify"]["probabilities"]
+        expected = np.fromfile(tmp_path / "vectors" / record["file"], dtype="<f4").reshape(record["shape"])[0]
+        got = np.asarray(json.loads(line)["probabilities"])
+        assert np.abs(got - expected).max() <= document["tolerances"]["probabilities"]["max_abs"], vector["name"]
