@@ -368,6 +368,28 @@ def _share_weights(
     return sharing
 
 
+def _export_variants(
+    source: ExportSource,
+    fp32_graphs: dict[str, Path],
+    options: ExportOptions,
+    cache: ReferenceCache,
+    cases: Sequence,
+    parity: dict[str, Any],
+    log: Progress,
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every requested non-fp32 precision of every graph, each swept against its own thresholds."""
+    variants: dict[tuple[str, str], dict[str, Any]] = {}
+    if len(options.precisions) == 1:
+        return variants
+    calibration = _calibration_batches(options.calib_dir, source)
+    for precision_name in options.precisions[1:]:
+        for graph, fp32_path in fp32_graphs.items():
+            variants[(graph, precision_name)] = _make_variant(
+                fp32_path, graph, precision_name, source, options.dynamic_size, calibration, cache, cases, parity, log
+            )
+    return variants
+
+
 def _graph_entries(
     tmp_dir: Path, fp32_graphs: dict[str, Path], variants: dict[tuple[str, str], dict[str, Any]]
 ) -> dict[str, dict[str, Any]]:
@@ -507,24 +529,7 @@ def export_model(
             parity["export"][f"{graph}/fp32"] = result
             steps[graph] = graph_steps
 
-        variants: dict[tuple[str, str], dict[str, Any]] = {}
-        if len(options.precisions) > 1:
-            calibration = _calibration_batches(options.calib_dir, source)
-            for precision_name in options.precisions[1:]:
-                for graph, fp32_path in fp32_graphs.items():
-                    variants[(graph, precision_name)] = _make_variant(
-                        fp32_path,
-                        graph,
-                        precision_name,
-                        source,
-                        options.dynamic_size,
-                        calibration,
-                        cache,
-                        cases,
-                        parity,
-                        log,
-                    )
-
+        variants = _export_variants(source, fp32_graphs, options, cache, cases, parity, log)
         image_paths = _write_image_graphs(source, fp32_graphs, options, log) if options.image_graphs else {}
         sharing = None
         if options.share_weights:
