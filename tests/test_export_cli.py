@@ -34,14 +34,14 @@ def test_failure_mid_export_leaves_no_folder(tmp_path: Path, tiny_checkpoint: Pa
     """The classify and embed graphs are written; the int8 step then fails: no DIR, no staging folder."""
     from pvt_deploy.export import precision
 
-    def not_ready(*args, **kwargs):
-        raise NotImplementedError
+    def broken(*args, **kwargs):
+        raise RuntimeError("quantizer broke")
 
-    monkeypatch.setattr(precision, "make_variant", not_ready)
+    monkeypatch.setattr(precision, "make_variant", broken)
     out = tmp_path / "model"
     result = CliRunner().invoke(cli, ["export", str(tiny_checkpoint), "--out", str(out), "--precision", "fp32,int8"])
     assert result.exit_code == ExportError.exit_code, result.output
-    assert "Error: --precision int8 is not available" in result.output
+    assert "making the int8 variant failed: RuntimeError: quantizer broke" in result.output
     assert "Traceback" not in result.output
     assert _leftovers(tmp_path) == []
 

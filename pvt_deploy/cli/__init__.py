@@ -52,6 +52,11 @@ LAZY_COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "index": ("pvt_deploy.cli.search_cmds:index", "Build a search store (LanceDB) from embeddings.", ("bulk",)),
     "search": ("pvt_deploy.cli.search_cmds:search", "Nearest stored images for query images.", ("bulk",)),
     "duplicates": ("pvt_deploy.cli.search_cmds:duplicates", "Near-duplicate pairs in a search store.", ("bulk",)),
+    "conformance": (
+        "pvt_deploy.cli.conformance_cmds:conformance",
+        "Write preprocessing conformance vectors for other languages (torch-free).",
+        (),
+    ),
 }
 
 

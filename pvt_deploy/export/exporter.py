@@ -11,6 +11,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ import onnxruntime as ort
 import torch
 
 from pvt_deploy import __version__
+from pvt_deploy.contract import METADATA_KEY as PREPROCESS_KEY
+from pvt_deploy.contract import preprocess_contract
 from pvt_deploy.errors import ExportError, ModelDirError, OutputError, PvtDeployError
-from pvt_deploy.export import onnx_io, precision
+from pvt_deploy.export import onnx_io, precision, preprocess_graph
 from pvt_deploy.export.graphs import reference_all, wrap
 from pvt_deploy.export.parity import GraphParity, output_metrics
 from pvt_deploy.export.source import ExportSource, resolve_export_source
@@ -33,13 +36,13 @@ from pvt_deploy.manifest import (
     MANIFEST_NAME,
     PRECISIONS,
     MetadataKey,
+    ResizeRule,
     file_record,
     graph_filename,
     write_manifest,
 )
 from pvt_deploy.model.checkpoint import LoadedCheckpoint
 from pvt_deploy.model.pvt_v2 import BIRDER_LAYER_NORM_EPS
-from pvt_deploy.preprocess import resize_spec
 from pvt_deploy.staging import (
     OutputLock,
     clean_stale_staging,
@@ -56,9 +59,10 @@ DYNAMIC_SIZE_STEPS = (-4, -2, 0, 2)
 SHARED_WEIGHTS_NAME = "weights.bin"
 SHARE_WEIGHTS = True
 """One external-data file for the three fp32 graphs (measured in docs/export.md)."""
-RESIZE_RULE = resize_spec(center_crop=1.0)
-"""birder's inference_preset as pvt_deploy.preprocess repeats it; stored in the manifest and graph metadata."""
+RESIZE_RULE = ResizeRule(interpolation="bicubic", center_crop=1.0, rule="see input.preprocess").to_json()
+"""birder's inference_preset (center crop 1.0); the rules themselves are the contract at ``input.preprocess``."""
 SWEEP_SEED = 1234
+LABELS_NAME = "labels.txt"
 
 Progress = Callable[[str], None]
 
@@ -138,6 +142,7 @@ def graph_metadata(source: ExportSource, graph: str, precision_name: str, dynami
         MetadataKey.INPUT_SIZE: json.dumps(list(source.size)),
         MetadataKey.DYNAMIC_SIZE: "true" if dynamic_size else "false",
         MetadataKey.RESIZE: json.dumps(RESIZE_RULE),
+        PREPROCESS_KEY: json.dumps(preprocess_contract_for(source)),
         MetadataKey.LAYER_NORM_EPS: repr(float(source.layer_norm_eps)),
         MetadataKey.NETWORK: source.network,
         MetadataKey.GRAPH: graph,
@@ -181,8 +186,6 @@ def _try_optimize_fp32(path: Path, graph: str, log: Progress) -> tuple[dict[str,
     candidate = path.with_name(path.stem + ".optimized.onnx")
     try:
         description = precision.optimize_fp32(path, candidate)
-    except NotImplementedError:
-        return {"applied": False, "reason": "optimize_fp32 not implemented"}, None
     except Exception as exc:  # an optional speed-up must never break an export
         candidate.unlink(missing_ok=True)
         log(f"  {graph}: fp32 optimization skipped ({onnx_io.first_line(exc)})")
@@ -283,6 +286,202 @@ def _staging_dir(out_dir: Path, log: Progress):
                 shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+@dataclass
+class ExportOptions:
+    """The validated options of one export."""
+
+    exporter: str
+    opset: int
+    simplifier: str
+    dynamic_size: bool
+    precisions: list[str]
+    share_weights: bool
+    image_graphs: bool
+    calib_dir: Path | None
+
+
+def _export_options(
+    *,
+    exporter: str | None,
+    opset: int | None,
+    simplifier: str | None,
+    dynamic_size: bool,
+    precisions: Iterable[str],
+    share_weights: bool | None,
+    image_graphs: bool,
+    calib_dir: str | Path | None,
+) -> ExportOptions:
+    """Defaults filled in and every option checked before anything heavy is loaded."""
+    options = ExportOptions(
+        exporter=exporter or onnx_io.DEFAULT_EXPORTER,
+        opset=opset or onnx_io.DEFAULT_OPSET,
+        simplifier=simplifier or onnx_io.DEFAULT_SIMPLIFIER,
+        dynamic_size=dynamic_size,
+        precisions=_parse_precisions(precisions),
+        share_weights=SHARE_WEIGHTS if share_weights is None else share_weights,
+        image_graphs=image_graphs,
+        calib_dir=Path(calib_dir) if calib_dir is not None else None,
+    )
+    if options.exporter not in onnx_io.EXPORTERS:
+        raise ExportError(f"unknown exporter {options.exporter!r}; choose one of {', '.join(onnx_io.EXPORTERS)}")
+    if not 7 <= options.opset <= 25:
+        raise ExportError(f"--opset {options.opset} is outside the range torch can export (7..25)")
+    if options.calib_dir is not None and not options.calib_dir.is_dir():
+        raise ExportError(f"--calib {options.calib_dir}: not a folder")
+    return options
+
+
+def _export_fp32_graph(
+    source: ExportSource,
+    graph: str,
+    tmp_dir: Path,
+    options: ExportOptions,
+    cache: ReferenceCache,
+    cases: Sequence,
+    log: Progress,
+) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """Export, simplify, optimize and sweep one fp32 graph; returns its path, parity and steps record."""
+    path = tmp_dir / graph_filename(graph)
+    t0 = time.perf_counter()
+    onnx_io.export_graph(
+        wrap(source.model, graph),
+        graph,
+        path,
+        size=source.size,
+        dynamic_size=options.dynamic_size,
+        exporter=options.exporter,
+        opset=options.opset,
+    )
+    simplified = onnx_io.simplify_graph(path, options.simplifier)
+    raise_if_interrupted()  # onnxsim's C++ swallows a KeyboardInterrupt raised in its Python callbacks
+    optimized, backup = _try_optimize_fp32(path, graph, log)
+    metadata = graph_metadata(source, graph, "fp32", options.dynamic_size)
+    result, rejected = _finish_fp32_graph(path, graph, metadata, cache, cases, backup)
+    if rejected:
+        optimized = {"applied": False, "reason": f"rejected: {rejected}"}
+        log(f"  {graph}: optimized fp32 graph rejected ({rejected}); shipping the simplified one")
+    done = "exported, simplified, optimized" if optimized.get("applied") else "exported, simplified"
+    log(f"  {graph}.onnx: {done} and matched PyTorch at {len(cases)} shapes ({time.perf_counter() - t0:.1f}s)")
+    return path, result.to_json(), {"simplify": simplified, "optimize_fp32": optimized}
+
+
+def _share_weights(
+    paths: list[Path], fp32_graphs: dict[str, Path], source: ExportSource, cache: ReferenceCache, log: Progress
+) -> dict[str, Any]:
+    """One external-data file for ``paths``; every fp32 tensor graph is re-swept after the move."""
+    sharing = onnx_io.share_external_weights(paths, SHARED_WEIGHTS_NAME)
+    for graph, path in fp32_graphs.items():
+        onnx_io.check_graph(path)
+        reloaded = sweep_parity(path, graph, "fp32", cache, [(2, source.size)])
+        if not reloaded.passed:
+            raise ExportError(f"{path.name} changed after moving weights to {SHARED_WEIGHTS_NAME}")
+    log(
+        f"  weights shared in {SHARED_WEIGHTS_NAME}: {sharing['bytes_before'] / 1e6:.1f} MB -> "
+        f"{sharing['bytes_after'] / 1e6:.1f} MB on disk"
+    )
+    return sharing
+
+
+def _export_variants(
+    source: ExportSource,
+    fp32_graphs: dict[str, Path],
+    options: ExportOptions,
+    cache: ReferenceCache,
+    cases: Sequence,
+    parity: dict[str, Any],
+    log: Progress,
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every requested non-fp32 precision of every graph, each swept against its own thresholds."""
+    variants: dict[tuple[str, str], dict[str, Any]] = {}
+    if len(options.precisions) == 1:
+        return variants
+    calibration = _calibration_batches(options.calib_dir, source)
+    for precision_name in options.precisions[1:]:
+        for graph, fp32_path in fp32_graphs.items():
+            variants[(graph, precision_name)] = _make_variant(
+                fp32_path, graph, precision_name, source, options.dynamic_size, calibration, cache, cases, parity, log
+            )
+    return variants
+
+
+def _graph_entries(
+    tmp_dir: Path, fp32_graphs: dict[str, Path], variants: dict[tuple[str, str], dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    graphs: dict[str, dict[str, Any]] = {}
+    for graph, path in fp32_graphs.items():
+        graphs.setdefault(graph, {})["fp32"] = {"file": path.name, **onnx_io.describe_io(path)}
+    for (graph, precision_name), description in variants.items():
+        variant_path = tmp_dir / graph_filename(graph, precision_name)
+        graphs[graph][precision_name] = {
+            "file": variant_path.name,
+            **onnx_io.describe_io(variant_path),
+            "variant": description,
+        }
+    return graphs
+
+
+def build_manifest(
+    source: ExportSource,
+    tmp_dir: Path,
+    options: ExportOptions,
+    graphs: dict[str, dict[str, Any]],
+    image_graphs: dict[str, dict[str, Any]],
+    parity: dict[str, Any],
+    steps: dict[str, Any],
+    sharing: dict[str, Any] | None,
+    seconds: float,
+) -> dict[str, Any]:
+    """The ``manifest.json`` document of a finished export folder (every file in ``tmp_dir`` is checksummed)."""
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "model_name": source.model_name,
+        "network": source.network,
+        "random_weights": source.random_weights,
+        "source": source.record,
+        "input": {
+            "name": INPUT_NAME,
+            "size": list(source.size),
+            "dynamic_size": options.dynamic_size,
+            "dtype": "float32",
+            "layout": "NCHW",
+            "rgb_stats": source.rgb_stats,
+            "resize": RESIZE_RULE,
+            "preprocess": preprocess_contract_for(source),
+        },
+        "layer_norm_eps": source.layer_norm_eps,
+        "num_classes": len(source.labels),
+        "labels": source.labels,
+        "labels_file": LABELS_NAME,
+        "files": {p.name: file_record(p) for p in sorted(tmp_dir.iterdir()) if p.is_file() and p.name != MANIFEST_NAME},
+        "graphs": graphs,
+    }
+    if image_graphs:
+        manifest["image_graphs"] = image_graphs
+    manifest["export"] = {
+        "exporter": options.exporter,
+        "opset": options.opset,
+        "simplifier": options.simplifier,
+        "steps": steps,
+        "shared_weights": sharing,
+        "choice": onnx_io.EXPORTER_CHOICE
+        if (options.exporter, options.opset) == (onnx_io.DEFAULT_EXPORTER, onnx_io.DEFAULT_OPSET)
+        else {"why": "overridden with --exporter/--opset"},
+        "versions": _versions(),
+        "seconds": round(seconds, 1),
+    }
+    manifest["parity"] = parity
+    return manifest
+
+
+def write_labels(folder: Path, labels: Sequence[str]) -> Path:
+    """``labels.txt``: one class name per line, in class-index order (for clients that cannot read metadata)."""
+    if any("\n" in label or "\r" in label for label in labels):
+        raise ExportError("a class label contains a line break; labels.txt needs one label per line")
+    path = folder / LABELS_NAME
+    path.write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
+    return path
+
+
 @sticky_interrupts()
 def export_model(
     source_or_loaded: str | Path | LoadedCheckpoint,
@@ -300,25 +499,26 @@ def export_model(
     layer_norm_eps: float = BIRDER_LAYER_NORM_EPS,
     size: tuple[int, int] | None = None,
     share_weights: bool | None = None,
+    image_graphs: bool = True,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Export, check and verify; returns the manifest written to ``out_dir/manifest.json``.
 
-    ``size`` only applies to random weights (a checkpoint exports at its signature's size)."""
+    ``size`` only applies to random weights (a checkpoint exports at its signature's size). ``image_graphs``
+    also writes ``classify.image.onnx`` and ``embed.image.onnx`` (uint8 image in, preprocessing inside)."""
     log = progress or (lambda message: None)
-    wanted = _parse_precisions(precisions)
-    exporter = exporter or onnx_io.DEFAULT_EXPORTER
-    opset = opset or onnx_io.DEFAULT_OPSET
-    simplifier = simplifier or onnx_io.DEFAULT_SIMPLIFIER
-    share = SHARE_WEIGHTS if share_weights is None else share_weights
-    if exporter not in onnx_io.EXPORTERS:
-        raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(onnx_io.EXPORTERS)}")
-    if not 7 <= opset <= 25:
-        raise ExportError(f"--opset {opset} is outside the range torch can export (7..25)")
+    options = _export_options(
+        exporter=exporter,
+        opset=opset,
+        simplifier=simplifier,
+        dynamic_size=dynamic_size,
+        precisions=precisions,
+        share_weights=share_weights,
+        image_graphs=image_graphs,
+        calib_dir=calib_dir,
+    )
     if out_dir is not None:
         _check_destination(Path(out_dir), force)  # fail before loading anything heavy
-    if calib_dir is not None and not Path(calib_dir).is_dir():
-        raise ExportError(f"--calib {calib_dir}: not a folder")
 
     source = resolve_export_source(
         source_or_loaded, random_weights=random_weights, network=network, layer_norm_eps=layer_norm_eps, size=size
@@ -331,112 +531,117 @@ def export_model(
     log(f"Exporting {source.network} ({len(source.labels)} classes, {source.size[0]}x{source.size[1]}) to {out_dir}")
 
     cache = ReferenceCache(source)
-    cases = sweep_cases(source.size, dynamic_size)
+    cases = sweep_cases(source.size, options.dynamic_size)
     started = time.perf_counter()
-    graphs: dict[str, dict[str, Any]] = {}
     parity: dict[str, Any] = {"export": {}}
     steps: dict[str, Any] = {}
 
     with _staging_dir(out_dir, log) as tmp_dir:
-        fp32_paths: list[Path] = []
+        fp32_graphs: dict[str, Path] = {}
         for graph in GRAPH_NAMES:
-            path = tmp_dir / graph_filename(graph)
-            t0 = time.perf_counter()
-            onnx_io.export_graph(
-                wrap(source.model, graph),
-                graph,
-                path,
-                size=source.size,
-                dynamic_size=dynamic_size,
-                exporter=exporter,
-                opset=opset,
-            )
-            simplified = onnx_io.simplify_graph(path, simplifier)
-            raise_if_interrupted()  # onnxsim's C++ swallows a KeyboardInterrupt raised in its Python callbacks
-            optimized, backup = _try_optimize_fp32(path, graph, log)
-            metadata = graph_metadata(source, graph, "fp32", dynamic_size)
-            result, rejected = _finish_fp32_graph(path, graph, metadata, cache, cases, backup)
-            if rejected:
-                optimized = {"applied": False, "reason": f"rejected: {rejected}"}
-                log(f"  {graph}: optimized fp32 graph rejected ({rejected}); shipping the simplified one")
-            parity["export"][f"{graph}/fp32"] = result.to_json()
-            steps[graph] = {"simplify": simplified, "optimize_fp32": optimized}
-            fp32_paths.append(path)
-            done = "exported, simplified, optimized" if optimized.get("applied") else "exported, simplified"
-            log(f"  {graph}.onnx: {done} and matched PyTorch at {len(cases)} shapes ({time.perf_counter() - t0:.1f}s)")
+            path, result, graph_steps = _export_fp32_graph(source, graph, tmp_dir, options, cache, cases, log)
+            fp32_graphs[graph] = path
+            parity["export"][f"{graph}/fp32"] = result
+            steps[graph] = graph_steps
 
-        variants: dict[tuple[str, str], dict[str, Any]] = {}
-        if len(wanted) > 1:
-            calibration = _calibration_batches(Path(calib_dir) if calib_dir else None, source)
-            for precision_name in wanted[1:]:
-                for graph, fp32_path in zip(GRAPH_NAMES, fp32_paths, strict=True):
-                    variants[(graph, precision_name)] = _make_variant(
-                        fp32_path, graph, precision_name, source, dynamic_size, calibration, cache, cases, parity, log
-                    )
-
+        variants = _export_variants(source, fp32_graphs, options, cache, cases, parity, log)
+        image_paths = _write_image_graphs(source, fp32_graphs, options, log) if options.image_graphs else {}
         sharing = None
-        if share:
-            sharing = onnx_io.share_external_weights(fp32_paths, SHARED_WEIGHTS_NAME)
-            for graph, path in zip(GRAPH_NAMES, fp32_paths, strict=True):
-                onnx_io.check_graph(path)
-                reloaded = sweep_parity(path, graph, "fp32", cache, [(2, source.size)])
-                if not reloaded.passed:
-                    raise ExportError(f"{path.name} changed after moving weights to {SHARED_WEIGHTS_NAME}")
-            log(
-                f"  weights shared in {SHARED_WEIGHTS_NAME}: {sharing['bytes_before'] / 1e6:.1f} MB -> "
-                f"{sharing['bytes_after'] / 1e6:.1f} MB on disk"
-            )
+        if options.share_weights:
+            sharing = _share_weights([*fp32_graphs.values(), *image_paths.values()], fp32_graphs, source, cache, log)
+        image_entries = {}
+        for graph, path in image_paths.items():
+            parity["export"][f"{graph}/image"] = check_image_graph(path, fp32_graphs[graph], graph, source)
+            image_entries[graph] = {"file": path.name, **onnx_io.describe_io(path)}
 
-        for graph, path in zip(GRAPH_NAMES, fp32_paths, strict=True):
-            graphs.setdefault(graph, {})["fp32"] = {"file": path.name, **onnx_io.describe_io(path)}
-        for (graph, precision_name), description in variants.items():
-            variant_path = tmp_dir / graph_filename(graph, precision_name)
-            graphs[graph][precision_name] = {
-                "file": variant_path.name,
-                **onnx_io.describe_io(variant_path),
-                "variant": description,
-            }
-
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "model_name": source.model_name,
-            "network": source.network,
-            "random_weights": source.random_weights,
-            "source": source.record,
-            "input": {
-                "name": INPUT_NAME,
-                "size": list(source.size),
-                "dynamic_size": dynamic_size,
-                "dtype": "float32",
-                "layout": "NCHW",
-                "rgb_stats": source.rgb_stats,
-                "resize": RESIZE_RULE,
-            },
-            "layer_norm_eps": source.layer_norm_eps,
-            "num_classes": len(source.labels),
-            "labels": source.labels,
-            "files": {
-                p.name: file_record(p) for p in sorted(tmp_dir.iterdir()) if p.is_file() and p.name != MANIFEST_NAME
-            },
-            "graphs": graphs,
-            "export": {
-                "exporter": exporter,
-                "opset": opset,
-                "simplifier": simplifier,
-                "steps": steps,
-                "shared_weights": sharing,
-                "choice": onnx_io.EXPORTER_CHOICE
-                if (exporter, opset) == (onnx_io.DEFAULT_EXPORTER, onnx_io.DEFAULT_OPSET)
-                else {"why": "overridden with --exporter/--opset"},
-                "versions": _versions(),
-                "seconds": round(time.perf_counter() - started, 1),
-            },
-            "parity": parity,
-        }
+        write_labels(tmp_dir, source.labels)
+        manifest = build_manifest(
+            source,
+            tmp_dir,
+            options,
+            _graph_entries(tmp_dir, fp32_graphs, variants),
+            image_entries,
+            parity,
+            steps,
+            sharing,
+            time.perf_counter() - started,
+        )
         write_manifest(tmp_dir, manifest)
         _move_into_place(tmp_dir, out_dir, force)
     log(f"Done: {out_dir} ({len(manifest['files'])} files, every graph matched PyTorch)")
     return manifest
+
+
+def preprocess_contract_for(source: ExportSource) -> dict[str, Any]:
+    return preprocess_contract(source.size, source.rgb_stats, RESIZE_RULE["center_crop"], input_name=INPUT_NAME)
+
+
+IMAGE_GRAPHS = ("classify", "embed")
+"""Tensor graphs that also ship an image-input variant (``<graph>.image.onnx``)."""
+IMAGE_CHECK_SHAPES = ((300, 451, 3), (500, 500, 4), (97, 61, 1))
+"""Synthetic images each image graph is checked on: downscale and upscale, RGB, RGBA and gray."""
+
+
+def image_graph_filename(graph: str) -> str:
+    return f"{graph}.image.onnx"
+
+
+def _write_image_graphs(
+    source: ExportSource, fp32_graphs: dict[str, Path], options: ExportOptions, log: Progress
+) -> dict[str, Path]:
+    """``<graph>.image.onnx``: the preprocessing graph composed with each of ``IMAGE_GRAPHS``."""
+    if options.opset < preprocess_graph.MIN_OPSET:
+        log(f"  image-input graphs skipped: they need opset >= {preprocess_graph.MIN_OPSET}")
+        return {}
+    pre = preprocess_graph.preprocess_graph(
+        source.size, source.rgb_stats, RESIZE_RULE["center_crop"], opset=options.opset
+    )
+    written = {}
+    for graph in IMAGE_GRAPHS:
+        tensor_path = fp32_graphs[graph]
+        path = preprocess_graph.image_graph(tensor_path, pre, tensor_path.with_name(image_graph_filename(graph)))
+        metadata = graph_metadata(source, graph, "fp32", options.dynamic_size)
+        metadata[MetadataKey.GRAPH] = f"{graph}.image"
+        onnx_io.set_metadata(path, metadata)
+        onnx_io.check_graph(path)
+        written[graph] = path
+        log(f"  {path.name}: uint8 image in, preprocessing inside")
+    return written
+
+
+def check_image_graph(path: Path, tensor_path: Path, graph: str, source: ExportSource) -> dict[str, Any]:
+    """The image graph's outputs against the tensor graph's on the Python-preprocessed image (synthetic images
+    of ``IMAGE_CHECK_SHAPES``); raises ``ExportError`` beyond float32 noise."""
+    from pvt_deploy.preprocess import Preprocessor
+
+    image_session = ort_session(path)
+    tensor_session = ort_session(tensor_path)
+    preprocessor = Preprocessor(tuple(source.size), dict(source.rgb_stats), RESIZE_RULE["center_crop"])
+    rng = np.random.default_rng(SWEEP_SEED)
+    worst = 0.0
+    for shape in IMAGE_CHECK_SHAPES:
+        pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        row = preprocessor(pixels)
+        expected = tensor_session.run(None, {INPUT_NAME: row[None]})
+        got = image_session.run(None, {preprocess_graph.IMAGE_INPUT_NAME: pixels})
+        for name, want, have in zip(GRAPH_OUTPUTS[graph], expected, got, strict=True):
+            difference = float(np.abs(want.astype(np.float64) - have).max())
+            worst = max(worst, difference)
+            if difference > IMAGE_GRAPH_MAX_ABS:
+                raise ExportError(
+                    f"{path.name}: {name} differs from {tensor_path.name} on the Python-preprocessed "
+                    f"{shape} image by {difference:.3g} (limit {IMAGE_GRAPH_MAX_ABS})"
+                )
+    return {
+        "graph": f"{graph}.image",
+        "shapes": [list(s) for s in IMAGE_CHECK_SHAPES],
+        "max_abs": worst,
+        "passed": True,
+    }
+
+
+IMAGE_GRAPH_MAX_ABS = 1e-5
+"""Image graph vs tensor graph on the same pixels: the preprocessing is bit-exact, so only kernel-order noise."""
 
 
 def _make_variant(
@@ -455,8 +660,6 @@ def _make_variant(
     batches = calibration if precision_name == "int8" else None
     try:
         description = precision.make_variant(fp32_path, precision_name, out_path, calibration_batches=batches)
-    except NotImplementedError:
-        raise ExportError(f"--precision {precision_name} is not available yet (make_variant not implemented)") from None
     except PvtDeployError as exc:
         raise type(exc)(onnx_io.first_line(exc)) from exc
     except Exception as exc:

@@ -175,8 +175,49 @@ def set_metadata(path: Path, metadata: dict[str, str]) -> None:
     del model.metadata_props[:]
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=str(value))
-    model.producer_name = "pvt-deploy"
+    stamp_hygiene(model)
     onnx.save(model, str(path))
+
+
+PRODUCER_NAME = "pvt-deploy"
+
+
+def used_domains(model: onnx.ModelProto) -> set[str]:
+    """Operator domains the nodes use, subgraphs and local functions included (``""`` is the default domain)."""
+    domains: set[str] = set()
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            domains.add(node.domain or "")
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    visit(attribute.g)
+                for subgraph in attribute.graphs:
+                    visit(subgraph)
+
+    visit(model.graph)
+    for function in model.functions:
+        domains.add(function.domain or "")
+        for node in function.node:
+            domains.add(node.domain or "")
+    return domains
+
+
+def stamp_hygiene(model: onnx.ModelProto) -> None:
+    """One producer name and version for every graph this package writes, and only the opset domains that its
+    nodes use (exporters and quantizers leave unused imports such as com.microsoft.nchwc behind)."""
+    from pvt_deploy import __version__
+
+    model.producer_name = PRODUCER_NAME
+    model.producer_version = __version__
+    used = used_domains(model)
+    keep: dict[str, onnx.OperatorSetIdProto] = {}
+    for opset in model.opset_import:
+        domain = opset.domain or ""
+        if (domain in used or domain == "") and domain not in keep:
+            keep[domain] = opset
+    del model.opset_import[:]
+    model.opset_import.extend(keep.values())
 
 
 def check_graph(path: Path) -> None:

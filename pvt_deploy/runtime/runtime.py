@@ -23,6 +23,7 @@ from pvt_deploy.manifest import (
 )
 from pvt_deploy.preprocess import MAX_FILE_BYTES, Preprocessor, describe, iter_items
 from pvt_deploy.runtime.graph_files import external_data_locations
+from pvt_deploy.runtime.graph_preprocess import PREPROCESS_MODES, GraphPreprocessing
 from pvt_deploy.runtime.results import ON_ERROR_CHOICES, BatchResult, ItemError
 from pvt_deploy.runtime.sessions import (
     DEVICES,
@@ -79,12 +80,14 @@ class Runtime:
         max_image_bytes: int | None = MAX_FILE_BYTES,
         cache_dir: str | os.PathLike[str] | Literal[False] | None = None,
         cache_optimized: bool = True,
+        preprocess: Literal["python", "graph"] = "python",
     ) -> None:
         """``providers``: onnxruntime execution providers to use as given (names or (name, options) pairs), e.g.
         ``["OpenVINOExecutionProvider", "CPUExecutionProvider"]``; overrides ``device``. ``exif_transpose``: rotate
         images per their EXIF Orientation first (birder does not). ``max_image_bytes``: the largest image file
         read (``None``: no limit). ``cache_dir`` / ``cache_optimized`` are accepted for compatibility and do nothing:
-        there is no optimized-graph cache any more (it did not pay for itself, docs/runtime.md)."""
+        there is no optimized-graph cache any more (it did not pay for itself, docs/runtime.md). ``preprocess="graph"``:
+        classify/predict/embed run the image-input graphs (resize and normalisation in ONNX, docs/portability.md)."""
         self.model_dir = Path(model_dir)
         self.manifest: Manifest = load_manifest(self.model_dir)
         if device not in DEVICES:
@@ -112,6 +115,10 @@ class Runtime:
             max_file_bytes=max_image_bytes,
         )
         self.exif_transpose = self.spec.apply_exif
+        if preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
+        self.preprocess_mode = preprocess
+        self._graph_preprocessing = GraphPreprocessing(self) if preprocess == "graph" else None
         self._sessions: dict[str, GraphSession] = {}
         self._verified: set[str] = set()
         self._lock = threading.Lock()
@@ -360,6 +367,8 @@ class Runtime:
 
     def _run(self, graph: str, names: tuple[str, ...], images: Images, on_error: OnError) -> BatchResult[Any]:
         """Prepare inputs one by one, run them in micro-batches, and keep every answer in its input's row."""
+        if self._graph_preprocessing is not None:
+            return self._graph_preprocessing.run(graph, names, images, on_error)
         if on_error not in ON_ERROR_CHOICES:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
         session = self._session(graph)
