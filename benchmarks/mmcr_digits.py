@@ -30,8 +30,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pvt_deploy.model.checkpoint import load_checkpoint
-from pvt_deploy.train.augment import BIRDER_RGB_STATS, eval_view, normalize
-from pvt_deploy.train.data import load_rgb
+from pvt_deploy.train.augment import BIRDER_RGB_STATS, eval_batch
 from pvt_deploy.train.pretrain import MMCRConfig, build_mmcr
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,7 +61,7 @@ def write_digits(root: Path, size: int) -> tuple[list[Path], np.ndarray, list[Pa
 @torch.no_grad()
 def embed(model: torch.nn.Module, paths: list[Path], size: int) -> np.ndarray:
     model.eval()
-    batch = torch.stack([normalize(eval_view(load_rgb(p), (size, size)), BIRDER_RGB_STATS) for p in paths])
+    batch = eval_batch(paths, (size, size), BIRDER_RGB_STATS)
     return torch.cat([model.embedding(chunk) for chunk in batch.split(256)]).numpy()
 
 

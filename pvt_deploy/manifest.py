@@ -1,6 +1,10 @@
 """The contract between ``export`` (writes) and ``runtime`` (reads): file names, graph I/O names, metadata keys,
 and the manifest with per-file sha256. Torch-free: the runtime checks checksums with this module alone.
 
+``load_manifest(folder)`` reads and validates the manifest in one place and returns a typed ``Manifest``
+(``.raw`` keeps the JSON, so sections this version does not model survive). A model folder is untrusted input:
+every file name it gives must stay inside the folder after symlinks (``confined_path``).
+
 manifest.json layout (format_version 1)::
 
     {

@@ -436,18 +436,10 @@ def item_error_message(index: int, source: str, message: str) -> str:
 
 
 def preprocess_one(
-    source: ImageSource,
-    size: int | Sequence[int],
-    rgb_stats: dict[str, Sequence[float]],
-    *,
-    center_crop: float = 1.0,
-    apply_exif: bool = False,
-    background: tuple[int, int, int] | None = None,
+    source: ImageSource, size: int | Sequence[int], rgb_stats: dict[str, Sequence[float]], **options: Any
 ) -> np.ndarray:
-    """One image -> (3, H, W) float32."""
-    return preprocess([source], size, rgb_stats, center_crop=center_crop, apply_exif=apply_exif, background=background)[
-        0
-    ]
+    """One image -> (3, H, W) float32 (``preprocess``'s options)."""
+    return preprocess([source], size, rgb_stats, **options)[0]
 
 
 def preprocess(

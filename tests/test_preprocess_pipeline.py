@@ -1,5 +1,5 @@
 """One preprocessing pipeline: every input kind gives the same tensor through ``Runtime``, the ``preprocess``
-function, ``verify``'s photo batches and the int8 calibration loader."""
+function, ``verify``'s photo batches, the int8 calibration loader and train's evaluation view."""
 
 from __future__ import annotations
 
@@ -76,3 +76,7 @@ def test_verify_and_calibration_use_the_runtime_pipeline(
     source = SimpleNamespace(size=spec.size, rgb_stats=spec.rgb_stats)
     batches = _calibration_batches(calib, source, batch=4)  # type: ignore[arg-type]
     np.testing.assert_array_equal(np.concatenate(batches), runtime.preprocess(sorted(calib.iterdir())))
+
+    from pvt_deploy.train.augment import eval_batch  # train's evaluation view
+
+    np.testing.assert_array_equal(eval_batch(photo_paths, spec.size, spec.rgb_stats).numpy(), expected)

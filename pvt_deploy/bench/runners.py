@@ -223,25 +223,23 @@ class OrtRuntimeRunner(Runner):
         self.runtime = None
 
 
-class OrtTensorRTRunner(Runner):
+class OrtTensorRTRunner(OrtRuntimeRunner):
     """The fp32 classify graph on onnxruntime's TensorRT provider (fp16 kernels allowed), CUDA as fallback."""
 
     engine = "onnxruntime-tensorrt"
-    device = "cuda"
 
     def __init__(self, model_dir: Path, threads: int, cache_dir: Path) -> None:
-        super().__init__(threads)
-        self.model_dir = model_dir
+        super().__init__(model_dir, "fp32", "cuda", threads, None)
         self.precision = "trt-fp16"
         self.name = "ort-tensorrt-fp16"
         self.cache_dir = cache_dir
-        self.runtime: Any = None
 
     def start(self, first_batch: np.ndarray) -> float:
         from pvt_deploy.errors import PvtDeployError
         from pvt_deploy.runtime import Runtime
         from pvt_deploy.runtime.sessions import TENSORRT_PROVIDER
 
+        self._gpu_baseline_mb = gpu_memory_used_mb()
         begin = time.perf_counter()
         options = {
             "trt_fp16_enable": True,
@@ -263,13 +261,6 @@ class OrtTensorRTRunner(Runner):
         self(first_batch)
         self.cold_start_s = time.perf_counter() - begin
         return self.cold_start_s
-
-    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        probabilities, embedding = self.runtime.classify(batch, return_embedding=True)
-        return {"probabilities": probabilities, "embedding": embedding}
-
-    def close(self) -> None:
-        self.runtime = None
 
 
 def cuda_device_present() -> bool:

@@ -30,17 +30,8 @@ def info(model_dir: Path, as_json: bool) -> None:
         raise ModelDirError(f"{model_dir}: {len(problems)} file(s) fail the manifest check ({first[0]}: {first[1]})")
 
 
-def _format_io(values: Any) -> str:
-    if not isinstance(values, list):
-        return "?"
-    parts = []
-    for value in values:
-        if isinstance(value, dict):
-            shape = "x".join(str(d) for d in value.get("shape", []))
-            parts.append(f"{value.get('name')}[{shape}] {value.get('dtype', value.get('type', ''))}".strip())
-        else:
-            parts.append(str(value))
-    return ", ".join(parts)
+def _format_io(values: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{v['name']}[{'x'.join(str(d) for d in v['shape'])}] {v['dtype']}" for v in values)
 
 
 def _print_info(summary: dict[str, Any]) -> None:
@@ -55,10 +46,9 @@ def _print_info(summary: dict[str, Any]) -> None:
     echo(f"precisions: {', '.join(summary['precisions'])}")
     for graph, variants in summary["graphs"].items():
         for precision, entry in variants.items():
-            entry = entry if isinstance(entry, dict) else {"file": entry}
-            echo(f"graph:      {graph} [{precision}] {entry.get('file')}")
-            echo(f"              in:  {_format_io(entry.get('inputs'))}")
-            echo(f"              out: {_format_io(entry.get('outputs'))}")
+            echo(f"graph:      {graph} [{precision}] {entry['file']}")
+            echo(f"              in:  {_format_io(entry['inputs'])}")
+            echo(f"              out: {_format_io(entry['outputs'])}")
     if summary["checksums_ok"]:
         echo(f"checksums:  OK ({summary['files']} files)")
     else:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pvt_deploy.errors import ModelDirError
-from pvt_deploy.manifest import Manifest, file_problems, load_manifest
+from pvt_deploy.manifest import GraphEntry, Manifest, TensorSpec, file_problems, load_manifest
 
 
 def graph_problems(manifest: Manifest) -> dict[str, str]:
@@ -29,6 +29,13 @@ def graph_problems(manifest: Manifest) -> dict[str, str]:
             except ModelDirError as exc:
                 problems[runtime.graph_entry(graph).file] = str(exc).removeprefix(f"{manifest.model_dir}/")
     return problems
+
+
+def _entry_json(entry: GraphEntry) -> dict[str, Any]:
+    def tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
+        return [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs]
+
+    return {"file": entry.file, "inputs": tensors(entry.inputs), "outputs": tensors(entry.outputs)}
 
 
 def folder_summary(model_dir: str | os.PathLike[str], *, check_graphs: bool = True) -> dict[str, Any]:
@@ -55,7 +62,10 @@ def folder_summary(model_dir: str | os.PathLike[str], *, check_graphs: bool = Tr
         "num_classes": manifest.num_classes if manifest.num_classes is not None else (len(labels) if labels else None),
         "labels": len(labels) if labels is not None else None,
         "precisions": sorted(manifest.precisions),
-        "graphs": manifest.raw["graphs"],
+        "graphs": {
+            graph: {precision: _entry_json(entry) for precision, entry in variants.items()}
+            for graph, variants in manifest.graphs.items()
+        },
         "files": len(manifest.files),
         "checksums_ok": not problems,
         "problems": problems,

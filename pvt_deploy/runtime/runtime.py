@@ -12,7 +12,15 @@ from typing import Any, Literal, overload
 import numpy as np
 
 from pvt_deploy.errors import DeviceError, ImageError, ModelDirError
-from pvt_deploy.manifest import MANIFEST_NAME, GraphEntry, Manifest, MetadataKey, TensorSpec, load_manifest
+from pvt_deploy.manifest import (
+    MANIFEST_NAME,
+    GraphEntry,
+    Manifest,
+    MetadataKey,
+    TensorSpec,
+    load_manifest,
+    verify_files,
+)
 from pvt_deploy.preprocess import MAX_FILE_BYTES, Preprocessor, describe, iter_items
 from pvt_deploy.runtime.graph_files import external_data_locations
 from pvt_deploy.runtime.results import ON_ERROR_CHOICES, BatchResult, ItemError
@@ -323,8 +331,6 @@ class Runtime:
         return names
 
     def _verify(self, names: list[str]) -> None:
-        from pvt_deploy.manifest import verify_files
-
         todo = [name for name in names if name not in self._verified]
         verify_files(self.model_dir, self.manifest, todo)
         self._verified.update(todo)
@@ -353,8 +359,7 @@ class Runtime:
         missing = [name for name in names if name not in session.output_names]
         if missing:
             raise ModelDirError(f"{self.model_dir}: the manifest's {graph} graph has no {', '.join(missing)} output")
-        # a graph that is not batch-invariant runs row by row, so no answer depends on its batch neighbours
-        batch_size = self.batch_size if self.manifest.entry(graph, self.precision).batch_invariant else 1
+        batch_size = self.batch_size if self.graph_entry(graph).batch_invariant else 1
         sources: list[str] = []
         ok: list[bool] = []
         errors: list[ItemError] = []

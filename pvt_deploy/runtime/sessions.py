@@ -59,7 +59,7 @@ def warn_once(message: str) -> None:
         if message in _warned:
             return
         _warned.add(message)
-    logger.warning(message)
+    logger.info(message)  # info, not warning: logging's last-resort handler would print it a second time
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 

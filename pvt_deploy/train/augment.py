@@ -8,12 +8,15 @@ One ``level`` knob (0-10) scales colour-jitter strength and the probabilities of
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from pvt_deploy.preprocess import BIRDER_RGB_STATS as _BIRDER_RGB_STATS
+from pvt_deploy.preprocess import Preprocessor
 
 RGBStats = dict[str, tuple[float, float, float]]
 BIRDER_RGB_STATS: RGBStats = {key: (values[0], values[1], values[2]) for key, values in _BIRDER_RGB_STATS.items()}
@@ -197,6 +200,8 @@ def augment_view(image: torch.Tensor, config: AugmentConfig, g: torch.Generator)
     return view
 
 
-def eval_view(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Deterministic view for evaluation: a plain resize of the whole image."""
-    return resize(image, size).clamp(0.0, 1.0)
+def eval_batch(paths: Sequence[str | Path], size: tuple[int, int], rgb_stats: RGBStats) -> torch.Tensor:
+    """Evaluation inputs (N, 3, H, W): the runtime's own preprocessing (``pvt_deploy.preprocess.Preprocessor``),
+    so a model is evaluated on exactly the tensors it will be served."""
+    pipeline = Preprocessor(size, {key: list(values) for key, values in rgb_stats.items()})
+    return torch.from_numpy(pipeline.batch(list(paths)))
