@@ -36,8 +36,9 @@ PHOTOS = Path(__file__).resolve().parents[1] / "tests" / "data" / "photos"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
-def _options(threads: int, **config: str) -> ort.SessionOptions:
-    options = session_options(threads)
+def _options(threads: int, spin: bool = True, **config: str) -> ort.SessionOptions:
+    """onnxruntime's own defaults (spinning pool threads) plus ``config`` entries."""
+    options = session_options(threads, allow_spinning=spin)
     for key, value in config.items():
         options.add_session_config_entry(key, value)
     return options
@@ -52,13 +53,12 @@ def _session(path: Path, options: ort.SessionOptions, disabled: list[str] | None
 def _variants(model_dir: Path, manifest: dict[str, Any], threads: int, static_int8: Path | None) -> dict[str, Any]:
     graphs = manifest["graphs"]["classify"]
     fp32 = model_dir / graphs["fp32"]["file"]
-    no_spin = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
-    parallel = session_options(1)
+    parallel = session_options(1, allow_spinning=True)
     parallel.execution_mode = ort.ExecutionMode.ORT_PARALLEL
     parallel.inter_op_num_threads = threads
     variants: dict[str, Any] = {
         "fp32 default": _session(fp32, _options(threads)),
-        "fp32 no-spin": _session(fp32, _options(threads, **no_spin)),
+        "fp32 no-spin": _session(fp32, _options(threads, spin=False)),
         "fp32 no-NCHWc": _session(fp32, _options(threads), disabled=["NchwcTransformer"]),
         "fp32 dynamic_block_base=4": _session(fp32, _options(threads, **{"session.dynamic_block_base": "4"})),
         f"fp32 intra 1 / inter {threads} parallel": _session(fp32, parallel),
@@ -66,7 +66,7 @@ def _variants(model_dir: Path, manifest: dict[str, Any], threads: int, static_in
     if "int8" in graphs:
         int8 = model_dir / graphs["int8"]["file"]
         variants["int8 dynamic (row by row)"] = _session(int8, _options(threads))
-        variants["int8 dynamic no-spin"] = _session(int8, _options(threads, **no_spin))
+        variants["int8 dynamic no-spin"] = _session(int8, _options(threads, spin=False))
     if static_int8 is not None:
         variants["int8 static QDQ"] = _session(static_int8, _options(threads))
     return variants
