@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from pvt_deploy.bench.flops import flops_per_image
+from pvt_deploy.bench.machine import cpu_line, parse_cpuinfo
 from pvt_deploy.bench.measure import percentile, summarize
 from pvt_deploy.cli import cli
 from pvt_deploy.model.pvt_v2 import PVT_V2_CONFIGS
@@ -34,6 +35,29 @@ def test_percentile_and_summary() -> None:
     assert row["p50_ms"] == pytest.approx(250.0)
     assert row["images_per_s"] == pytest.approx(8.0)
     assert row["gflop_per_s"] == pytest.approx(8.0)
+
+
+VNNI_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8
+
+processor\t: 1
+model name\t: second block is ignored
+"""
+
+
+def test_cpu_flags_are_parsed_and_named_in_the_cpu_line() -> None:
+    cpu = parse_cpuinfo(VNNI_CPUINFO)
+    assert cpu["model_name"] == "Intel(R) Xeon(R) Platinum 8480+"
+    assert (cpu["family"], cpu["model"]) == ("6", "143")
+    assert cpu["flags"] == ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"]
+    line = cpu_line({"cpu": cpu, "logical_cpus": 2, "onnxruntime": "1.2", "torch": "2.3"})
+    assert "Platinum 8480+, family 6 model 143" in line and "amx_int8" in line and "(no " not in line
+    avx2_only = parse_cpuinfo("model name\t: AMD EPYC\nflags\t\t: sse2 avx avx2 fma\n")
+    assert "flags: avx2 fma (no avx512f/avx512_vnni/amx_int8)" in cpu_line({"cpu": avx2_only})
 
 
 def _check_result(result: dict, batches: list[int], variants: set[str]) -> None:
@@ -64,6 +88,9 @@ def test_bench_quick_on_tiny_export_writes_json_and_png(tiny_export_dir: Path, t
     assert data["settings"]["interleaved"] is True
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
     assert "x eager" in result.output and "sgemm on 1 threads" in result.output
+    machine = data["machine"]
+    assert machine["onnxruntime"] and machine["torch"] and isinstance(machine["cpu"]["flags"], list)
+    assert cpu_line(machine) in result.output  # the table opens with the CPU it was measured on
 
 
 @pytest.mark.slow

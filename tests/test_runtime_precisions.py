@@ -100,3 +100,12 @@ def test_dynamic_int8_graph_is_marked_and_really_depends_on_its_batch(
     together = session.run(["logits"], {"input": batch})[0]
     alone = np.concatenate([session.run(["logits"], {"input": row[None]})[0] for row in batch])
     assert np.abs(together - alone).max() > 0
+
+
+def test_sessions_do_not_spin_wait_unless_asked() -> None:
+    """Spinning pool threads measured 1.5x slower on 2 shared cores (docs/speed.md); it stays available."""
+    from pvt_deploy.runtime.sessions import session_options
+
+    keys = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+    assert [session_options(2).get_session_config_entry(k) for k in keys] == ["0", "0"]
+    assert [session_options(2, allow_spinning=True).get_session_config_entry(k) for k in keys] == ["1", "1"]

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pvt_deploy.bench.machine import cpu_line
+
 COLUMNS = (
     ("variant", "variant", "{}"),
     ("batch", "batch", "{}"),
@@ -29,11 +31,13 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """Speed rows, then one line per variant with cold start and fidelity, then the sgemm reference."""
+    """The CPU line (name, flags, library versions), speed rows, then one line per variant with cold start and
+    fidelity, then the sgemm reference."""
     header = [title for _, title, _ in COLUMNS]
     rows = [[_cell(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in result["runs"]]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines = [cpu_line(result["machine"])]
+    lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.append("")
     lines.append("variant: cold start (creation -> first answer), fidelity vs PyTorch fp32 on the bench inputs")
@@ -103,7 +107,7 @@ def write_plot(result: dict[str, Any], path: Path) -> Path:
         axis.set_ylabel(label)
         axis.grid(axis="y", alpha=0.3)
     left.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title + "\n" + cpu_line(result["machine"]), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pvt_deploy.bench.flops import flops_per_image
+from pvt_deploy.bench.machine import machine_info
 from pvt_deploy.bench.measure import (
     RssSampler,
     gemm_gflops,
@@ -214,12 +214,45 @@ def _bench_threads(
     log: Progress,
     bar: Any,
 ) -> None:
+    """One thread setting: sgemm, start every runner, time each batch size, sgemm again."""
     gemm_before = gemm_gflops(threads)
     log(f"[{threads} threads] sgemm {gemm_before['median_gflop_per_s']:.1f} GFLOP/s")
+    runners = _start_runners(_make_runners(config, manifest, threads, tmp), images, threads, result, log)
+    try:
+        share = config.budget_s / max(1, len(config.batch_sizes))
+        for batch in config.batch_sizes:
+            x = _tile(images, batch)
+            warm = _warm_up(runners, x, config.warmup, f"@{threads}t/batch{batch}", result)
+            active = [r for r in runners if r.name in warm]
+            round_cost = sum(warm.values())
+            rounds = _round_count(config, share, round_cost)
+            log(f"  batch {batch}: {rounds} interleaved rounds of {len(active)} variants (~{round_cost:.1f} s each)")
+            if bar is not None:
+                bar.reset(total=rounds * len(active))
+                bar.set_description(f"{threads}t batch {batch}")
+            rss = {r.name: RssSampler() for r in active}
+            samples = _timed_rounds(active, x, rounds, rss, bar)
+            result["runs"] += _rows(active, threads, batch, warm, samples, rss, flops)
+        _record_gemm(result, threads, gemm_before, gemm_gflops(threads))
+    finally:
+        for runner in runners:
+            runner.close()
+
+
+def _round_count(config: BenchConfig, budget_s: float, round_cost_s: float) -> int:
+    """The fixed ``--rounds``, else as many rounds as fit ``budget_s`` (within min/max rounds)."""
+    if config.rounds:
+        return config.rounds
+    return int(min(config.max_rounds, max(config.min_rounds, budget_s // max(round_cost_s, 1e-9))))
+
+
+def _start_runners(
+    candidates: list[Runner], images: np.ndarray, threads: int, result: dict[str, Any], log: Progress
+) -> list[Runner]:
+    """Cold start and first answer of each runner; fidelity against the first CPU eager answer. Skips are recorded."""
     runners: list[Runner] = []
     reference: dict[str, np.ndarray] | None = None
-    rss: dict[str, RssSampler] = {}
-    for runner in _make_runners(config, manifest, threads, tmp):
+    for runner in candidates:
         key = f"{runner.name}@{threads}t"
         try:
             cold = runner.start(images[:1])
@@ -236,65 +269,79 @@ def _bench_threads(
             "cold_start_s": cold,
             "fidelity": _fidelity(reference, answer) if reference is not None else None,
         }
-        rss[key] = RssSampler()
         runners.append(runner)
         log(f"  {runner.name}: first answer after {cold:.2f} s")
     if not runners:
         raise BenchError("no variant could run")
+    return runners
 
-    share = config.budget_s / max(1, len(config.batch_sizes))
-    for batch in config.batch_sizes:
-        x = _tile(images, batch)
-        warm: dict[str, float] = {}
-        for runner in list(runners):
-            key = f"{runner.name}@{threads}t"
-            begin = time.perf_counter()
-            try:
-                for _ in range(max(1, config.warmup)):
-                    runner(x)
-            except (RunnerUnavailable, TimeoutError) as exc:  # e.g. a recompile over its time box
-                result["skipped"][f"{key}/batch{batch}"] = f"{type(exc).__name__}: {exc}"
-                continue
-            warm[runner.name] = (time.perf_counter() - begin) / max(1, config.warmup)
-        active = [r for r in runners if r.name in warm]
-        round_cost = sum(warm.values())
-        rounds = config.rounds or int(min(config.max_rounds, max(config.min_rounds, share // max(round_cost, 1e-9))))
-        if bar is not None:
-            bar.reset(total=rounds * len(active))
-            bar.set_description(f"{threads}t batch {batch}")
-        log(f"  batch {batch}: {rounds} interleaved rounds of {len(active)} variants (~{round_cost:.1f} s each)")
-        samples: dict[str, list[float]] = {r.name: [] for r in active}
-        for index in range(rounds):
-            shift = index % len(active)
-            for runner in active[shift:] + active[:shift]:
-                begin = time.perf_counter()
+
+def _warm_up(runners: list[Runner], x: np.ndarray, calls: int, suffix: str, result: dict[str, Any]) -> dict[str, float]:
+    """Untimed calls per runner, kept apart from the rounds; seconds per call of those that could run."""
+    warm: dict[str, float] = {}
+    for runner in runners:
+        begin = time.perf_counter()
+        try:
+            for _ in range(max(1, calls)):
                 runner(x)
-                samples[runner.name].append(time.perf_counter() - begin)
-                rss[f"{runner.name}@{threads}t"].sample()
-                if bar is not None:
-                    bar.update(1)
-        for runner in active:
-            key = f"{runner.name}@{threads}t"
-            row = {
-                "variant": key,
-                **runner.describe(),
-                "batch": batch,
-                "warmup_ms": 1000.0 * warm[runner.name],
-                **summarize(samples[runner.name], batch, flops),
-                "rss_peak_mb": rss[key].peak_mb,
-            }
-            gpu = runner.gpu_memory_mb()
-            if gpu is not None:
-                row["gpu_memory_mb"] = gpu
-            result["runs"].append(row)
-    gemm_after = gemm_gflops(threads)
-    rate = statistics.median([gemm_before["median_gflop_per_s"], gemm_after["median_gflop_per_s"]])
-    result["gemm"][str(threads)] = {"before": gemm_before, "after": gemm_after, "gflop_per_s": rate}
+        except (RunnerUnavailable, TimeoutError) as exc:  # e.g. a recompile over its time box
+            result["skipped"][f"{runner.name}{suffix}"] = f"{type(exc).__name__}: {exc}"
+            continue
+        warm[runner.name] = (time.perf_counter() - begin) / max(1, calls)
+    return warm
+
+
+def _timed_rounds(
+    runners: list[Runner], x: np.ndarray, rounds: int, rss: dict[str, RssSampler], bar: Any
+) -> dict[str, list[float]]:
+    """``rounds`` rounds of one timed call per runner, the order rotated each round so noise lands on all alike."""
+    samples: dict[str, list[float]] = {r.name: [] for r in runners}
+    for index in range(rounds):
+        shift = index % len(runners)
+        for runner in runners[shift:] + runners[:shift]:
+            begin = time.perf_counter()
+            runner(x)
+            samples[runner.name].append(time.perf_counter() - begin)
+            rss[runner.name].sample()
+            if bar is not None:
+                bar.update(1)
+    return samples
+
+
+def _rows(
+    runners: list[Runner],
+    threads: int,
+    batch: int,
+    warm: dict[str, float],
+    samples: dict[str, list[float]],
+    rss: dict[str, RssSampler],
+    flops: float,
+) -> list[dict[str, Any]]:
+    """One result row per runner: latency summary, throughput, memory."""
+    rows = []
+    for runner in runners:
+        row = {
+            "variant": f"{runner.name}@{threads}t",
+            **runner.describe(),
+            "batch": batch,
+            "warmup_ms": 1000.0 * warm[runner.name],
+            **summarize(samples[runner.name], batch, flops),
+            "rss_peak_mb": rss[runner.name].peak_mb,
+        }
+        gpu = runner.gpu_memory_mb()
+        if gpu is not None:
+            row["gpu_memory_mb"] = gpu
+        rows.append(row)
+    return rows
+
+
+def _record_gemm(result: dict[str, Any], threads: int, before: dict[str, Any], after: dict[str, Any]) -> None:
+    """The sgemm rate for ``threads`` (median of before/after) and each CPU row's fraction of it."""
+    rate = statistics.median([before["median_gflop_per_s"], after["median_gflop_per_s"]])
+    result["gemm"][str(threads)] = {"before": before, "after": after, "gflop_per_s": rate}
     for row in result["runs"]:
         if row["threads"] == threads and row["device"] == "cpu":
             row["gemm_fraction"] = row["gflop_per_s"] / rate
-    for runner in runners:
-        runner.close()
 
 
 def _ratios(result: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -322,29 +369,8 @@ def _ratios(result: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def _machine() -> dict[str, Any]:
-    import onnxruntime as ort
-    import torch
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "processor": _cpu_name(),
-        "logical_cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": ort.__version__,
-        "ort_providers": ort.get_available_providers(),
-    }
+    info = machine_info()
     if cuda_device_present():
         info["gpu_memory_used_at_start_mb"] = gpu_memory_used_mb()
         info["gpu"] = nvidia_smi_query("name")
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
