@@ -15,8 +15,8 @@ from PIL import Image
 
 from pvt_deploy.errors import ImageError, ModelDirError
 from pvt_deploy.manifest import verify_files
-from pvt_deploy.preprocess import apply_exif_orientation, describe, iter_items, load_image, to_rgb
-from pvt_deploy.runtime.results import ON_ERROR_CHOICES, BatchResult, ItemError
+from pvt_deploy.preprocess import apply_exif_orientation, load_image, to_rgb
+from pvt_deploy.runtime.results import BatchResult, ItemLog
 from pvt_deploy.runtime.sessions import create_session
 
 if TYPE_CHECKING:
@@ -95,37 +95,22 @@ class GraphPreprocessing:
 
     def run(self, graph: str, names: tuple[str, ...], images: Any, on_error: str) -> BatchResult[Any]:
         """Like ``Runtime._run``, one image per graph call (the image graphs take one image of any size)."""
-        if on_error not in ON_ERROR_CHOICES:
-            raise ValueError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
         session = self._session(graph)
         outputs = [o.name for o in session.get_outputs()]
         missing = [name for name in names if name not in outputs]
         if missing:
             raise ModelDirError(f"{self.runtime.model_dir}: the {graph} image graph has no {', '.join(missing)} output")
-        sources: list[str] = []
-        ok: list[bool] = []
-        errors: list[ItemError] = []
+        log = ItemLog()
         rows: dict[str, list[np.ndarray | None]] = {name: [] for name in names}
-        for index, item in enumerate(iter_items(images)):
-            source = describe(item)
-            sources.append(source)
-            try:
-                pixels = self._pixels(item)
-            except ImageError as exc:
-                error = ItemError(index, source, str(exc))
-                if on_error == "raise":
-                    raise error.to_exception() from None
-                errors.append(error)
-                ok.append(False)
+        for pixels in log.prepared(images, self._pixels, on_error):
+            if pixels is None:
                 for name in names:
                     rows[name].append(None)
                 continue
             produced = session.run(list(names), {IMAGE_INPUT_NAME: pixels})
             for name, value in zip(names, produced, strict=True):
                 rows[name].append(value[0])
-            ok.append(True)
-        values = {name: _stack(rows[name], session, name) for name in names}
-        return BatchResult(value=values, ok=np.asarray(ok, dtype=bool), sources=sources, errors=errors)
+        return log.result({name: _stack(rows[name], session, name) for name in names})
 
 
 def _stack(rows: list[np.ndarray | None], session: Any, name: str) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
-from pvt_deploy.errors import DeviceError, ImageError, ModelDirError
+from pvt_deploy.errors import DeviceError, ModelDirError
 from pvt_deploy.manifest import (
     MANIFEST_NAME,
     GraphEntry,
@@ -21,10 +21,10 @@ from pvt_deploy.manifest import (
     load_manifest,
     verify_files,
 )
-from pvt_deploy.preprocess import MAX_FILE_BYTES, Preprocessor, describe, iter_items
+from pvt_deploy.preprocess import MAX_FILE_BYTES, Preprocessor
 from pvt_deploy.runtime.graph_files import external_data_locations
 from pvt_deploy.runtime.graph_preprocess import PREPROCESS_MODES, GraphPreprocessing
-from pvt_deploy.runtime.results import ON_ERROR_CHOICES, BatchResult, ItemError
+from pvt_deploy.runtime.results import BatchResult, ItemLog
 from pvt_deploy.runtime.sessions import (
     DEVICES,
     GPU_PROVIDERS,
@@ -369,17 +369,13 @@ class Runtime:
         """Prepare inputs one by one, run them in micro-batches, and keep every answer in its input's row."""
         if self._graph_preprocessing is not None:
             return self._graph_preprocessing.run(graph, names, images, on_error)
-        if on_error not in ON_ERROR_CHOICES:
-            raise ValueError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
         session = self._session(graph)
         missing = [name for name in names if name not in session.output_names]
         if missing:
             raise ModelDirError(f"{self.model_dir}: the manifest's {graph} graph has no {', '.join(missing)} output")
         # a graph that is not batch-invariant runs row by row, so no answer depends on its batch neighbours
         batch_size = self.batch_size if self.graph_entry(graph).batch_invariant else 1
-        sources: list[str] = []
-        ok: list[bool] = []
-        errors: list[ItemError] = []
+        log = ItemLog()
         pending: list[np.ndarray] = []
         outputs: dict[str, list[np.ndarray]] = {name: [] for name in names}
 
@@ -390,29 +386,18 @@ class Runtime:
                     outputs[name].append(produced[name])
                 pending.clear()
 
-        for index, item in enumerate(iter_items(images)):
-            source = describe(item)
-            sources.append(source)
-            try:
-                row = self.spec(item)
-            except ImageError as exc:
-                error = ItemError(index, source, str(exc))
-                if on_error == "raise":
-                    raise error.to_exception() from None
-                errors.append(error)
-                ok.append(False)
+        for row in log.prepared(images, self.spec, on_error):
+            if row is None:
                 continue
             if pending and row.shape != pending[0].shape:  # dynamic-size models: one size per micro-batch
                 flush()
             pending.append(row)
-            ok.append(True)
             if len(pending) >= batch_size:
                 flush()
         flush()
 
-        mask = np.asarray(ok, dtype=bool)
-        values = {name: _scatter(outputs[name], mask, session, name) for name in names}
-        return BatchResult(value=values, ok=mask, sources=sources, errors=errors)
+        mask = np.asarray(log.ok, dtype=bool)
+        return log.result({name: _scatter(outputs[name], mask, session, name) for name in names})
 
 
 def _scatter(chunks: list[np.ndarray], mask: np.ndarray, session: GraphSession, name: str) -> np.ndarray:
