@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
+
 import pytest
 
 pytest_plugins = [
     "tests.fixtures.checkpoints",
     "tests.fixtures.exported",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_restored() -> Iterator[None]:
+    """Tests that start Ray in-process (ray.init) leave their own SIGINT handler behind, and subprocesses inherit an
+    ignored SIGINT; the interrupt tests need Python's default handler, so every test gets it back."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    if signal.getsignal(signal.SIGINT) is not before:
+        signal.signal(signal.SIGINT, before)
 
 
 def _cuda_provider_available() -> bool:

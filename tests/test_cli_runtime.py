@@ -226,7 +226,7 @@ def test_info(model_dir: Path, tmp_path: Path) -> None:
     result = invoke("info", model_dir)
     assert result.exit_code == 0, result.stderr
     assert "classes:    10 (labels: 10)" in result.stdout
-    assert "checksums:  OK (4 files)" in result.stdout
+    assert "checksums:  OK (7 files)" in result.stdout  # 3 graphs, 2 image graphs, weights.bin, labels.txt
     assert "graph:      classify [fp32] classify.onnx" in result.stdout
     assert "input[batchx3x64x64] float32" in result.stdout
     summary = json.loads(invoke("info", model_dir, "--json").stdout)

@@ -52,8 +52,9 @@ def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
                    timeout=600)  # fmt: skip
     (wheel,) = (root / "wheels").glob("pvt_deploy-*.whl")
     into_venv = [*pip, "--python", str(venv / "bin" / "python"), "install"]
-    subprocess.run([*into_venv, *CPU_ONLY_REQUIREMENTS], check=True, timeout=600)
-    subprocess.run([*into_venv, "--no-deps", str(wheel)], check=True, timeout=600)
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a checkout on it would look installed
+    subprocess.run([*into_venv, *CPU_ONLY_REQUIREMENTS], check=True, timeout=600, env=clean)
+    subprocess.run([*into_venv, "--no-deps", str(wheel)], check=True, timeout=600, env=clean)
     return venv
 
 
@@ -97,6 +98,7 @@ def _real_calls(model_dir: Path, work: Path) -> dict[str, tuple[list[str], int]]
         "train": (["train", "mmcr", str(work), "--out", str(work / "run")], MissingExtraError.exit_code),
         "bench": (["bench", str(model_dir), "--quick"], MissingExtraError.exit_code),
         "serve": (["serve", str(model_dir)], MissingExtraError.exit_code),
+        "conformance": (["conformance", str(model_dir), "--out", str(work / "vectors")], 0),
         "index": (["index", "build", str(work / "emb"), "--db", str(work / "db")], MissingExtraError.exit_code),
         "search": (["search", "--db", str(work / "no-db"), str(PHOTO)], SearchIndexError.exit_code),
         "duplicates": (["duplicates", "--db", str(work / "no-db")], SearchIndexError.exit_code),
