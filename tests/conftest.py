@@ -14,13 +14,15 @@ pytest_plugins = [
 
 
 @pytest.fixture(autouse=True)
-def _sigint_handler_restored() -> Iterator[None]:
-    """Tests that start Ray in-process (ray.init) leave their own SIGINT handler behind, and subprocesses inherit an
-    ignored SIGINT; the interrupt tests need Python's default handler, so every test gets it back."""
+def _default_sigint_handler() -> Iterator[None]:
+    """Every test starts with Python's own SIGINT handler and leaves the process as it found it.
+
+    The interrupt tests need it, and it is not a given: a test suite started in the background by a script
+    inherits an ignored SIGINT (bash does that to background jobs), and ray.init installs its own handler."""
     before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
-    if signal.getsignal(signal.SIGINT) is not before:
-        signal.signal(signal.SIGINT, before)
+    signal.signal(signal.SIGINT, before)
 
 
 def _cuda_provider_available() -> bool:
