@@ -16,17 +16,11 @@ import time
 from pathlib import Path
 
 from pvt_deploy import Runtime
+from pvt_deploy.bench.machine import cpu_summary
 from pvt_deploy.jobs import JobSpec, run_job
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = [("local", 1), ("local", 2), ("ray", 1), ("ray", 2)]
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def one_run(model_dir: Path, images: list[str], engine: str, width: int, out: Path) -> float:
@@ -65,7 +59,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     base = statistics.median(seconds["local/1"])
     results = {
-        "cpu": cpu_name(),
+        "cpu": cpu_summary(),
         "model": str(args.model_dir),
         "images": args.images,
         "rounds": args.rounds,

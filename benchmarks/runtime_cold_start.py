@@ -15,13 +15,14 @@ Run: ``python benchmarks/runtime_cold_start.py EXPORT_DIR [ROUNDS]`` (writes
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pvt_deploy.bench.machine import cpu_summary
 
 OUT = Path(__file__).parent / "results" / "runtime_cold_start.json"
 
@@ -66,13 +67,6 @@ def _optimized_copy(graph: Path, folder: Path) -> Path:
     return folder / "model.onnx"
 
 
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main() -> None:
     if sys.argv[1] == "--one":
         mode, model, files = sys.argv[2], Path(sys.argv[3]), [Path(p) for p in sys.argv[4:]]
@@ -102,7 +96,7 @@ def main() -> None:
     result = {
         "model": manifest.get("network"),
         "size": manifest["input"]["size"],
-        "cpu": _cpu_name(),
+        "cpu": cpu_summary(),
         "threads": 2,
         "rounds": rounds,
         "cache_mb_per_graph": round(cache_mb, 1),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import tempfile
 import time
@@ -17,20 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pvt_deploy.bench.machine import cpu_summary
 from pvt_deploy.search import EmbeddingIndex
-
-
-def cpu_name() -> str:
-    """Model name, family/model and the SIMD flags that matter here, from /proc/cpuinfo."""
-    fields: dict[str, str] = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    name = fields.get("model name", platform.processor())
-    return f"{name} (family {fields.get('cpu family')} model {fields.get('model')}; {', '.join(simd) or 'no AVX2'})"
-
 
 SWEEP = [(32, 10), (16, 5), (8, 2), (4, 1)]
 """(nprobes, refine_factor) pairs measured on the same store; the first is EmbeddingIndex's default."""
@@ -112,7 +99,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/search.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="search-bench-"))
-    results = {"cpu": cpu_name(), "index": "LanceDB IVF_SQ, sqrt(N) partitions", "runs": []}
+    results = {"cpu": cpu_summary(), "index": "LanceDB IVF_SQ, sqrt(N) partitions", "runs": []}
     try:
         for n in (int(s) for s in args.sizes.split(",")):
             results["runs"].append(run(n, args.dim, args.queries, work))

@@ -31,22 +31,12 @@ import onnxruntime as ort
 import psutil
 
 from pvt_deploy import Runtime
+from pvt_deploy.bench.machine import cpu_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "serve_load.json"
 PHOTOS = sorted((ROOT / "tests" / "data" / "photos").glob("*.[pj][np]g"))
 P50_MARGIN_MS = 15.0
-
-
-def cpu_name() -> str:
-    """``model name`` plus family / model from /proc/cpuinfo (virtual machines often show only "AMD EPYC")."""
-    fields: dict[str, str] = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    name = fields.get("model name") or platform.processor() or "unknown"
-    vector = "AVX-512" if "avx512f" in fields.get("flags", "") else "AVX2" if "avx2" in fields.get("flags", "") else ""
-    return f"{name} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {vector or 'no AVX2'})"
 
 
 class ServerProcess:
@@ -197,7 +187,7 @@ def main() -> None:
         "model_dir": str(args.model_dir),
         "model": json.loads((args.model_dir / "manifest.json").read_text()).get("model_name"),
         "input_size": list(runtime.metadata["preprocess"]["size"]),
-        "cpu": cpu_name(),
+        "cpu": cpu_summary(),
         "cores": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
         "onnxruntime": ort.__version__,

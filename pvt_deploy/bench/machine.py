@@ -43,6 +43,13 @@ def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     return parse_cpuinfo(text)
 
 
+def cpu_summary() -> str:
+    """This machine's CPU in one line, e.g. ``AMD EPYC (family 25 model 1; avx2 fma)``: what every benchmark result
+    names next to its figures."""
+    cpu = cpu_info()
+    return f"{cpu['model_name']} (family {cpu['family']} model {cpu['model']}; {' '.join(cpu['flags']) or 'no AVX2'})"
+
+
 def machine_info() -> dict[str, Any]:
     """The ``machine`` section of a bench result."""
     import onnxruntime as ort
