@@ -18,8 +18,8 @@ def test_exif_transpose_is_opt_in_and_recorded(tiny_export_dir: Path, tmp_path: 
     path = tmp_path / "phone.jpg"
     Image.fromarray(pixels).save(path, exif=exif, quality=95)
 
-    plain = Runtime(tiny_export_dir, device="cpu", cache_dir=False)
-    rotated = Runtime(tiny_export_dir, device="cpu", cache_dir=False, exif_transpose=True)
+    plain = Runtime(tiny_export_dir, device="cpu")
+    rotated = Runtime(tiny_export_dir, device="cpu", exif_transpose=True)
     assert not plain.metadata["preprocess"]["exif_transpose"]
     assert rotated.metadata["preprocess"]["exif_transpose"]
     upright = Image.open(path).transpose(Image.Transpose.ROTATE_270)

@@ -17,6 +17,7 @@ import numpy as np
 from pvt_deploy.errors import ImageError
 from pvt_deploy.jobs.store import Part, atomic_write_bytes
 from pvt_deploy.runtime import BatchResult, ItemError, Runtime
+from pvt_deploy.runtime.operations import l2_normalize, top_k
 
 TASKS = ("predict", "embed", "features")
 
@@ -95,7 +96,7 @@ def compute_part(
     if spec.task == "predict" or (spec.task == "embed" and spec.top_k):
         result: BatchResult[Any] = runtime.classify(feed, return_embedding=spec.task == "embed", on_error="collect")
         probabilities = result.value[0] if spec.task == "embed" else result.value
-        labels = runtime.top_k(probabilities, spec.top_k)
+        labels = top_k(probabilities, runtime.labels, spec.top_k)
         if spec.task == "embed":
             embeddings = result.value[1]
     elif spec.task == "embed":
@@ -105,8 +106,7 @@ def compute_part(
         result = runtime.features(feed, on_error="collect")
         maps = result.value
     if embeddings is not None and spec.normalize:
-        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-        embeddings = (embeddings / np.where(norms > 0, norms, 1)).astype(np.float32)
+        embeddings = l2_normalize(embeddings)
 
     errors = {runnable[error.index]: str(error) for error in result.errors}
     for i in decode_failed:

@@ -22,7 +22,6 @@ from pvt_deploy.runtime.sessions import create_session
 if TYPE_CHECKING:
     from pvt_deploy.runtime.runtime import Runtime
 
-PREPROCESS_MODES = ("python", "graph")
 IMAGE_INPUT_NAME = "image"
 
 

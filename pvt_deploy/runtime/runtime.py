@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -21,15 +21,15 @@ from pvt_deploy.manifest import (
     load_manifest,
     verify_files,
 )
-from pvt_deploy.preprocess import MAX_FILE_BYTES, Preprocessor
+from pvt_deploy.preprocess import Preprocessor
+from pvt_deploy.runtime.config import RuntimeConfig
 from pvt_deploy.runtime.graph_files import external_data_locations
-from pvt_deploy.runtime.graph_preprocess import PREPROCESS_MODES, GraphPreprocessing
+from pvt_deploy.runtime.graph_preprocess import GraphPreprocessing
+from pvt_deploy.runtime.operations import top_k as rank
 from pvt_deploy.runtime.results import BatchResult, ItemLog
 from pvt_deploy.runtime.sessions import (
-    DEVICES,
     GPU_PROVIDERS,
     GraphSession,
-    ProviderEntry,
     create_session,
     normalize_providers,
     provider_name,
@@ -67,63 +67,54 @@ class Runtime:
             f"precision={self.precision!r}, batch_size={self.batch_size})"
         )
 
-    def __init__(
-        self,
-        model_dir: str | os.PathLike[str],
-        device: str = "auto",
-        precision: str = "fp32",
-        threads: int | None = None,
-        batch_size: int | None = None,
-        *,
-        providers: Sequence[ProviderEntry] | None = None,
-        exif_transpose: bool = False,
-        max_image_bytes: int | None = MAX_FILE_BYTES,
-        cache_dir: str | os.PathLike[str] | Literal[False] | None = None,
-        cache_optimized: bool = True,
-        preprocess: Literal["python", "graph"] = "python",
-    ) -> None:
-        """``providers``: onnxruntime execution providers to use as given (names or (name, options) pairs), e.g.
+    def __init__(self, model_dir: str | os.PathLike[str], config: RuntimeConfig | None = None, **options: Any) -> None:
+        """``config``: every run option in one value (``RuntimeConfig``); keyword ``options`` are its fields, as a
+        shorthand (``Runtime(folder, device="cpu", precision="int8")``) or as changes to ``config``.
+        ``providers``: onnxruntime execution providers to use as given (names or (name, options) pairs), e.g.
         ``["OpenVINOExecutionProvider", "CPUExecutionProvider"]``; overrides ``device``. ``exif_transpose``: rotate
         images per their EXIF Orientation first (birder does not). ``max_image_bytes``: the largest image file
-        read (``None``: no limit). ``cache_dir`` / ``cache_optimized`` are accepted for compatibility and do nothing:
-        there is no optimized-graph cache any more (it did not pay for itself, docs/runtime.md). ``preprocess="graph"``:
-        classify/predict/embed run the image-input graphs (resize and normalisation in ONNX, docs/portability.md)."""
+        read (``None``: no limit). ``preprocess="graph"``: classify/predict/embed run the image-input graphs
+        (resize and normalisation in ONNX, docs/portability.md)."""
+        config = config if config is not None else RuntimeConfig()
+        self.config: RuntimeConfig = config.replace(**options) if options else config
         self.model_dir = Path(model_dir)
         self.manifest: Manifest = load_manifest(self.model_dir)
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-        if threads is not None and int(threads) < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        if batch_size is not None and int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if max_image_bytes is not None and int(max_image_bytes) < 1:
-            raise ValueError(f"max_image_bytes must be >= 1 or None, got {max_image_bytes}")
-        self.device = device
-        self.precision = precision
-        self.threads = threads
+        precision = self.config.precision
         if precision not in self.manifest.precisions:
             raise ModelDirError(
                 f"{self.model_dir}: no graph exported at precision {precision!r}; available: "
                 f"{', '.join(self.precisions)}"
             )
-        self._providers = normalize_providers(providers) if providers is not None else requested_providers(device)
+        providers = self.config.providers
+        self._providers = normalize_providers(providers) if providers is not None else requested_providers(self.device)
         self._custom_providers = providers is not None
-        self._requested_batch_size = int(batch_size) if batch_size is not None else None
         self.spec = Preprocessor.from_input_spec(
             self.manifest.input,
-            apply_exif=self.manifest.input.resize.apply_exif or exif_transpose,
-            max_file_bytes=max_image_bytes,
+            apply_exif=self.manifest.input.resize.apply_exif or self.config.exif_transpose,
+            max_file_bytes=self.config.max_image_bytes,
+            max_pixels=self.config.max_pixels,
         )
         self.exif_transpose = self.spec.apply_exif
-        if preprocess not in PREPROCESS_MODES:
-            raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
-        self.preprocess_mode = preprocess
-        self._graph_preprocessing = GraphPreprocessing(self) if preprocess == "graph" else None
+        self.preprocess_mode = self.config.preprocess
+        self._graph_preprocessing = GraphPreprocessing(self) if self.preprocess_mode == "graph" else None
         self._sessions: dict[str, GraphSession] = {}
         self._verified: set[str] = set()
         self._lock = threading.Lock()
 
     # ----- description -------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> str:
+        """The device asked for (``auto``, ``cpu`` or ``cuda``); ``active_device`` says where sessions run."""
+        return self.config.device
+
+    @property
+    def precision(self) -> str:
+        return self.config.precision
+
+    @property
+    def threads(self) -> int | None:
+        return self.config.threads
 
     @property
     def precisions(self) -> list[str]:
@@ -142,8 +133,8 @@ class Runtime:
 
     @property
     def batch_size(self) -> int:
-        if self._requested_batch_size is not None:
-            return self._requested_batch_size
+        if self.config.batch_size is not None:
+            return self.config.batch_size
         return DEFAULT_CUDA_BATCH_SIZE if provider_name(self._providers[0]) in GPU_PROVIDERS else DEFAULT_BATCH_SIZE
 
     @property
@@ -265,22 +256,9 @@ class Runtime:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         result = self._run("classify", ("probabilities",), images, on_error)
-        ranked = self.top_k(result.value["probabilities"], top_k)
+        ranked = rank(result.value["probabilities"], self.labels, top_k)
         answers = [answer if ok else None for answer, ok in zip(ranked, result.ok, strict=True)]
         return self._finish(result, answers, on_error)
-
-    def top_k(self, probabilities: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        """Per row of (N, classes) probabilities, the ``k`` most likely (label, probability) pairs (ties: lower class
-        index first); NaN rows (failed inputs) give an empty list. ``predict`` and the bulk jobs share this rule."""
-        labels = self.labels
-        ranked: list[list[tuple[str, float]]] = []
-        for row in probabilities:
-            if np.isnan(row).any():
-                ranked.append([])
-                continue
-            order = np.argsort(-row, kind="stable")[:k]
-            ranked.append([(labels[i], float(row[i])) for i in order])
-        return ranked
 
     @overload
     def embed(self, images: Images, *, on_error: Raise = ...) -> np.ndarray: ...

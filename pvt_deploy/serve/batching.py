@@ -20,30 +20,13 @@ from typing import Protocol
 import numpy as np
 
 from pvt_deploy.runtime import Runtime
-
-OPERATIONS = ("classify", "embed", "features")
-"""``classify``: probabilities + embedding (one classify-graph run); ``embed``: the embed graph; ``features``:
-stage1..stage4."""
-
-Outputs = dict[str, np.ndarray]
+from pvt_deploy.runtime.operations import OPERATIONS, Outputs, run_operation
 
 
 class InferenceBackend(Protocol):
     """What the HTTP app needs from whoever runs the model: local dynamic batching, or a Ray Serve replica."""
 
     async def run(self, operation: str, rows: np.ndarray) -> Outputs: ...
-
-
-def run_operation(runtime: Runtime, operation: str, rows: np.ndarray) -> Outputs:
-    """One ``Runtime`` call on a stack of preprocessed rows."""
-    if operation == "classify":
-        probabilities, embedding = runtime.classify(rows, return_embedding=True)
-        return {"probabilities": probabilities, "embedding": embedding}
-    if operation == "embed":
-        return {"embedding": runtime.embed(rows)}
-    if operation == "features":
-        return dict(runtime.features(rows))
-    raise ValueError(f"unknown operation {operation!r}; expected one of {', '.join(OPERATIONS)}")
 
 
 def run_grouped(runtime: Runtime, requests: Sequence[tuple[str, np.ndarray]]) -> list[Outputs]:
