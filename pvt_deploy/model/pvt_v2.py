@@ -366,13 +366,3 @@ def create_model(
         network=network,
     )
 
-
-__all__ = [
-    "BIRDER_LAYER_NORM_EPS",
-    "PVT_V2_CONFIGS",
-    "PVTv2",
-    "PVTv2Config",
-    "STAGE_NAMES",
-    "TRAINING_LAYER_NORM_EPS",
-    "create_model",
-]
