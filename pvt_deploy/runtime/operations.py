@@ -4,12 +4,9 @@ ranking, L2 normalisation), written once: ``Runtime.predict``, ``serve`` and bul
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from pvt_deploy.runtime.runtime import Runtime
 
 OPERATIONS = ("classify", "embed", "features")
 """``classify``: probabilities + embedding (one classify-graph run); ``embed``: the embedding; ``features``:
@@ -19,7 +16,15 @@ Outputs = dict[str, np.ndarray]
 Ranked = list[tuple[str, float]]
 
 
-def run_operation(runtime: Runtime, operation: str, images: Any) -> Outputs:
+class Model(Protocol):
+    """What ``run_operation`` calls: ``Runtime``'s inference methods (a Protocol, so this module sits below it)."""
+
+    def classify(self, images: Any, return_embedding: bool = ...) -> Any: ...
+    def embed(self, images: Any) -> Any: ...
+    def features(self, images: Any) -> Any: ...
+
+
+def run_operation(runtime: Model, operation: str, images: Any) -> Outputs:
     """One ``Runtime`` call (images or preprocessed rows) -> the operation's named outputs."""
     if operation == "classify":
         probabilities, embedding = runtime.classify(images, return_embedding=True)
