@@ -131,3 +131,56 @@ def test_check_usage_errors(vectors_dir, tmp_path) -> None:
     empty.mkdir()
     result = runner.invoke(cli, ["conformance", "--check", str(empty), "--client", "x {image}"])
     assert result.exit_code == 2 and "no vectors.json" in result.output
+
+
+def _cubic(x: float) -> float:
+    """docs/portability.md, "The resize as formulas": Keys' cubic, a = -0.5."""
+    a, x = -0.5, abs(x)
+    if x < 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+        return (((x - 5) * x + 8) * x - 4) * a
+    return 0.0
+
+
+def _resample_axis(pixels: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """One pass of the documented resize along ``axis``: 22-bit fixed-point taps, uint8 after the pass."""
+    import math
+
+    source = np.moveaxis(pixels, axis, 0).astype(np.int64)
+    scale = source.shape[0] / size
+    widen = max(scale, 1.0)
+    out = np.empty((size, *source.shape[1:]), np.int64)
+    for o in range(size):
+        center = (o + 0.5) * scale
+        lo = max(math.trunc(center - 2 * widen + 0.5), 0)
+        hi = min(math.trunc(center + 2 * widen + 0.5), source.shape[0])
+        weights = [_cubic((i - center + 0.5) / widen) for i in range(lo, hi)]
+        total = sum(weights)
+        taps = [math.trunc(w / total * 2**22 + (0.5 if w >= 0 else -0.5)) for w in weights]
+        out[o] = np.clip(((1 << 21) + np.tensordot(np.array(taps), source[lo:hi], axes=(0, 0))) >> 22, 0, 255)
+    return np.moveaxis(out, 0, axis).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "in_size, out_size",
+    [((130, 90), (64, 64)), ((97, 61), (64, 64)), ((61, 97), (64, 64)), ((300, 200), (96, 96)), ((40, 400), (40, 100))],
+)
+def test_documented_resize_formulas_equal_pillow(in_size, out_size) -> None:
+    """The kernel, taps, fixed point, per-pass rounding and pass order that docs/portability.md spells out give
+    Pillow's BICUBIC pixels exactly (vertical-first, horizontal-first and one-axis shapes)."""
+    from PIL import Image
+
+    (in_w, in_h), (out_w, out_h) = in_size, out_size
+    pixels = np.random.default_rng(0).integers(0, 256, (in_h, in_w, 3), dtype=np.uint8)
+
+    def horizontal(image: np.ndarray) -> np.ndarray:  # a pass whose axis keeps its size is skipped
+        return image if image.shape[1] == out_w else _resample_axis(image, out_w, 1)
+
+    def vertical(image: np.ndarray) -> np.ndarray:
+        return image if image.shape[0] == out_h else _resample_axis(image, out_h, 0)
+
+    vertical_first = (in_h - out_h) > 0 and (in_h - out_h) > 2 * (in_w - out_w)
+    ours = horizontal(vertical(pixels)) if vertical_first else vertical(horizontal(pixels))
+    pillow = np.asarray(Image.fromarray(pixels).resize((out_w, out_h), Image.BICUBIC))
+    assert np.array_equal(ours, pillow)
