@@ -177,3 +177,25 @@ def test_prepare_reinstalls_when_the_lockfile_changes(node_client, tmp_path, mon
     (client_dir / "package-lock.json").write_text('{"lockfileVersion": 3, "changed": true}')
     prepare_node_client(client_dir)
     assert len(calls) == 2
+
+
+def test_node_client_marks_untrained_answers(node_client, tiny_export_dir, photo_paths, tmp_path) -> None:
+    """Issue: the Node client's output did not say an export's weights are random; pvt-deploy predict does."""
+    untrained = Path(shutil.copytree(tiny_export_dir, tmp_path / "untrained"))
+    manifest = json.loads((untrained / "manifest.json").read_text())
+    manifest["random_weights"] = True  # not a checksummed file: the runtime reads the flag from here
+    (untrained / "manifest.json").write_text(json.dumps(manifest))
+    image = str(photo_paths[0])
+    as_json = subprocess.run(
+        [NODE, str(node_client), str(untrained), image, "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["random_weights"] is True
+    as_text = subprocess.run(
+        [NODE, str(node_client), str(untrained), image], capture_output=True, text=True, timeout=60
+    )
+    assert as_text.stdout.splitlines()[0] == "# RANDOM WEIGHTS (untrained): these answers are meaningless"
+    trained = subprocess.run(
+        [NODE, str(node_client), str(tiny_export_dir), image, "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert "random_weights" not in json.loads(trained.stdout)
