@@ -23,9 +23,9 @@ from pvt_deploy.errors import VerificationError
 )
 @click.option(
     "--client",
-    help="With --check: the command to run per vector, '{image}' where the image path goes; it prints "
-    + CLIENT_OUTPUT.replace("one JSON", "one JSON line,")
-    + ".",
+    help="With --check: the command to run per vector, '{image}' where the image path goes. It prints "
+    + CLIENT_OUTPUT
+    + ", as its last line.",
 )
 @click.option("--timeout", default=120.0, show_default=True, help="With --check: seconds per client run.")
 def conformance(
