@@ -10,13 +10,22 @@ Layout of the folder written by ``write_conformance`` (raw little-endian arrays,
     arrays/<name>.resized.u8     uint8 [h, w, 3]   after decode, mode rule, resize and crop
     arrays/<name>.input.f32      float32 [1, 3, h, w]  the tensor graphs' input
     arrays/<name>.<graph>.<output>.f32   the fp32 graphs' outputs for that input
+
+``check_client`` runs any client program on every vector image and compares its answer with the expected outputs:
+the client is a command template with ``{image}`` where the image path goes, and prints one JSON object on
+stdout, ``{"probabilities": [...]}`` (all classes, index order) plus, optionally, ``"embedding": [...]``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import shlex
 import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +139,159 @@ def write_conformance(model_dir: Path, out_dir: Path, *, force: bool = False) ->
     return document
 
 
+IMAGE_PLACEHOLDER = "{image}"
+CLIENT_OUTPUT = 'one JSON object on stdout: {"probabilities": [one per class, index order], "embedding": [optional]}'
+
+
+@dataclass(frozen=True)
+class VectorCheck:
+    """One vector's verdict: the measured differences (``None`` where not measured) and why it failed, if it did."""
+
+    name: str
+    probabilities_max_abs: float | None = None
+    embedding_cosine: float | None = None
+    problem: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.problem is None
+
+
+def read_vectors(vectors_dir: Path) -> dict[str, Any]:
+    """``vectors.json`` of a folder ``write_conformance`` wrote; ``ValueError`` says what is wrong with it."""
+    path = Path(vectors_dir) / VECTORS_NAME
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        hint = "write one with `pvt-deploy conformance MODEL_DIR --out DIR`"
+        raise ValueError(f"{vectors_dir}: no {VECTORS_NAME} ({hint})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("vectors"), list) or not document["vectors"]:
+        raise ValueError(f"{path}: no vectors listed")
+    return document
+
+
+def client_command(template: str, image: Path) -> list[str]:
+    """The argv for one image: ``template`` split as a POSIX shell would (no shell runs it), ``{image}`` replaced
+    in every word that holds it. A template without ``{image}`` gets the path as its last argument."""
+    words = shlex.split(template)
+    if not words:
+        raise ValueError("the client command is empty")
+    if not any(IMAGE_PLACEHOLDER in word for word in words):
+        return [*words, str(image)]
+    return [word.replace(IMAGE_PLACEHOLDER, str(image)) for word in words]
+
+
+def _expected(vectors_dir: Path, record: dict[str, Any]) -> np.ndarray:
+    dtype = np.dtype(record["dtype"]).newbyteorder("<")
+    return np.fromfile(vectors_dir / record["file"], dtype=dtype).reshape(record["shape"]).astype(np.float64)
+
+
+def _parse_answer(stdout: str) -> dict[str, Any]:
+    """The last non-empty stdout line as the client's JSON object (clients may log lines before it)."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("printed nothing on stdout")
+    try:
+        answer = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        raise ValueError(f"last stdout line is not JSON: {lines[-1][:60]!r}") from None
+    if not isinstance(answer, dict) or "probabilities" not in answer:
+        raise ValueError("JSON without 'probabilities'")
+    return answer
+
+
+def judge_answer(
+    vectors_dir: Path, vector: dict[str, Any], answer: dict[str, Any], tolerances: dict[str, Any]
+) -> VectorCheck:
+    """Compare one client answer with a vector's expected classify outputs, within the folder's tolerances."""
+    expected = vector["outputs"]["classify"]
+    want = _expected(vectors_dir, expected["probabilities"]).reshape(-1)
+    try:
+        got = np.asarray(answer["probabilities"], dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        return VectorCheck(vector["name"], problem="'probabilities' is not a list of numbers")
+    if got.shape != want.shape:
+        return VectorCheck(vector["name"], problem=f"{got.size} probabilities, expected {want.size}")
+    max_abs = float(np.abs(got - want).max())
+    limit = tolerances["probabilities"]["max_abs"]
+    problems = [] if max_abs <= limit else [f"probabilities differ by {max_abs:.2e} > {limit:g}"]
+    cosine = None
+    if answer.get("embedding") is not None and "embedding" in expected:
+        want_embedding = _expected(vectors_dir, expected["embedding"]).reshape(-1)
+        try:
+            embedding = np.asarray(answer["embedding"], dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            embedding = np.zeros(0)
+        if embedding.shape != want_embedding.shape:
+            problems.append(f"embedding has {embedding.size} values, expected {want_embedding.size}")
+        else:
+            norms = float(np.linalg.norm(embedding) * np.linalg.norm(want_embedding))
+            cosine = float(embedding @ want_embedding / norms) if norms > 0 else 0.0
+            minimum = tolerances["embedding"]["min_cosine"]
+            if not cosine >= minimum:
+                problems.append(f"embedding cosine {cosine:.8f} < {minimum}")
+    if not math.isfinite(max_abs):
+        problems.insert(0, "probabilities are not finite")
+    return VectorCheck(vector["name"], max_abs, cosine, "; ".join(problems) or None)
+
+
+def check_client(
+    vectors_dir: Path,
+    client: str,
+    *,
+    timeout: float = 120.0,
+    cwd: Path | None = None,
+    progress: Callable[[VectorCheck], None] | None = None,
+) -> list[VectorCheck]:
+    """Run the ``client`` command template on every vector image and judge each answer (see the module doc).
+
+    A client that exits non-zero, times out or prints no usable JSON fails that vector, with the first line of
+    its stderr as the reason; the other vectors still run."""
+    vectors_dir = Path(vectors_dir).resolve()
+    document = read_vectors(vectors_dir)
+    checks = []
+    for vector in document["vectors"]:
+        argv = client_command(client, vectors_dir / vector["image"])
+        try:
+            completed = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False)
+        except FileNotFoundError:
+            check = VectorCheck(vector["name"], problem=f"cannot run {argv[0]!r}: no such program")
+        except subprocess.TimeoutExpired:
+            check = VectorCheck(vector["name"], problem=f"no answer within {timeout:g} s")
+        else:
+            if completed.returncode != 0:
+                said = next((line for line in completed.stderr.splitlines() if line.strip()), "")
+                check = VectorCheck(vector["name"], problem=f"client exit {completed.returncode}: {said[:120]}")
+            else:
+                try:
+                    answer = _parse_answer(completed.stdout)
+                except ValueError as exc:
+                    check = VectorCheck(vector["name"], problem=f"client {exc}")
+                else:
+                    check = judge_answer(vectors_dir, vector, answer, document["tolerances"])
+        checks.append(check)
+        if progress is not None:
+            progress(check)
+    return checks
+
+
+def format_checks(checks: list[VectorCheck], tolerances: dict[str, Any]) -> str:
+    """The pass/fail table ``conformance --check`` prints, limits in the header."""
+    header = (
+        f"{'vector':10s}  {'probabilities':>13s}  {'embedding':>11s}  status   "
+        f"(max abs <= {tolerances['probabilities']['max_abs']:g}, cosine >= {tolerances['embedding']['min_cosine']})"
+    )
+    rows = [header]
+    for check in checks:
+        difference = "-" if check.probabilities_max_abs is None else f"{check.probabilities_max_abs:.2e}"
+        cosine = "-" if check.embedding_cosine is None else f"{check.embedding_cosine:.8f}"
+        status = "ok" if check.passed else f"FAIL: {check.problem}"
+        rows.append(f"{check.name:10s}  {difference:>13s}  {cosine:>11s}  {status}")
+    return "\n".join(rows)
+
+
 README = """# pvt-deploy conformance vectors
 
 Test an implementation of the preprocessing contract (`manifest.json` -> `input.preprocess`) and of the graphs
@@ -149,6 +311,13 @@ For every vector:
 4. Run `classify.onnx` / `embed.onnx` on your tensor (or `classify.image.onnx` / `embed.image.onnx` on your
    decoded uint8 [H, W, C] pixels) and compare with `outputs`: probabilities within `probabilities.max_abs`,
    embeddings with cosine similarity at least `embedding.min_cosine`.
+
+Or let pvt-deploy run your client on every vector and print a pass/fail table (exit 7 if one fails):
+
+    pvt-deploy conformance --check DIR --client 'node my_client.mjs MODEL_DIR {image}'
+
+`{image}` is replaced by each image's path; the client prints one JSON object on stdout,
+`{"probabilities": [...]}` (every class, index order), optionally with `"embedding": [...]`.
 
 Re-create with `pvt-deploy conformance MODEL_DIR --out DIR`; `tests/test_conformance.py` re-checks a written
 folder against Python and the image-input graphs.

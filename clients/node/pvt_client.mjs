@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // Reference client for a pvt-deploy export folder: decode an image the way the preprocessing contract says
 // (stored pixels, no ICC conversion, no EXIF rotation unless input.preprocess.exif.apply_orientation), feed the
-// uint8 [H, W, C] pixels to the image-input graphs, print top-k labels (and the embedding with --embed).
+// uint8 [H, W, C] pixels to the image-input graphs, print top-k labels (and the embedding with --embed); answers
+// from an untrained (--random-weights) export say so: a header line, or "random_weights": true in each JSON line.
 //
 //   node pvt_client.mjs MODEL_DIR IMAGE... [--top-k 5] [--embed] [--json]
 
@@ -98,12 +99,16 @@ async function main(argv) {
     return 2;
   }
   const client = await PvtClient.load(modelDir);
+  // an export made with --random-weights says so in every answer, as pvt-deploy predict does
+  const untrained = client.export.manifest.random_weights === true;
+  if (untrained && !asJson) console.log("# RANDOM WEIGHTS (untrained): these answers are meaningless");
   for (const file of images) {
     const image = await decodeImage(fs.readFileSync(file), file);
     const { probabilities, top } = await client.classify(image, topK);
     const embedding = withEmbedding ? await client.embed(image) : undefined;
     if (asJson) {
-      console.log(JSON.stringify({ image: file, top, probabilities, embedding }));
+      const marked = untrained ? { random_weights: true } : {};
+      console.log(JSON.stringify({ image: file, top, probabilities, embedding, ...marked }));
     } else {
       console.log(`${file}: ${top.map(([label, p]) => `${label} ${p.toFixed(4)}`).join(", ")}`);
     }
