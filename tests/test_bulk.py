@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,17 +24,20 @@ from click.testing import CliRunner, Result
 
 from pvt_deploy import Runtime
 from pvt_deploy.cli import cli
-from pvt_deploy.errors import ImageError, OutputError
+from pvt_deploy.errors import OutputError, UsageError
 from pvt_deploy.jobs import (
     JobEvents,
     JobInterrupted,
+    JobPlan,
     JobSpec,
+    RayEngine,
     collect_inputs,
     prediction_record,
     read_run_info,
     run_job,
 )
 from pvt_deploy.jobs.store import partial_dir
+from pvt_deploy.runtime.config import RuntimeConfig, cpu_count, max_threads
 from pvt_deploy.staging import OutputLock
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,7 +86,7 @@ def test_inputs_from_folders_globs_lists_and_stdin(corpus: Path, tmp_path: Path)
     listing.write_text(f"{walked[0]}\n\n{tmp_path / 'missing.jpg'}\n")
     assert collect_inputs([], [str(listing)]) == [walked[0], str(tmp_path / "missing.jpg")]  # missing kept
     assert collect_inputs([walked[1]], ["-"], stdin=io.StringIO(walked[2] + "\n")) == [walked[1], walked[2]]
-    with pytest.raises(ImageError, match="no files match this pattern"):
+    with pytest.raises(UsageError, match="no files match this pattern"):
         collect_inputs([str(corpus / "*.jpeg")])
 
 
@@ -220,7 +225,7 @@ def test_random_weights_are_marked_in_what_users_keep(
     runtime_copy = Runtime(runtime.model_dir, device="cpu")
     object.__setattr__(runtime_copy, "manifest", untrained)
     out = tmp_path / "p.parquet"
-    run_job(runtime_copy, JobSpec("predict", top_k=1), [str(p) for p in photo_paths[:2]], out)
+    run_job(runtime_copy, JobPlan(JobSpec("predict", top_k=1), [str(p) for p in photo_paths[:2]], out))
     assert pq.read_table(out)["random_weights"].to_pylist() == [True, True]
     assert read_run_info(out)["random_weights"] is True
     row = {"path": "a.png", "status": "ok", "error": None, "labels": ["x"], "probabilities": [0.5]}
@@ -234,10 +239,10 @@ def test_changed_inputs_are_not_resumed(runtime: Runtime, photo_paths: list[Path
         raise KeyboardInterrupt
 
     with pytest.raises(JobInterrupted, match="interrupted after 2 of 6 inputs"):
-        run_job(runtime, JobSpec("embed"), [str(p) for p in photo_paths], out, chunk_size=2,
+        run_job(runtime, JobPlan(JobSpec("embed"), [str(p) for p in photo_paths], out, chunk_size=2),
                 events=JobEvents(part=interrupt))  # fmt: skip
     with pytest.raises(OutputError, match="holds a run with other inputs"):
-        run_job(runtime, JobSpec("embed"), [str(p) for p in photo_paths[:3]], out, resume=True)
+        run_job(runtime, JobPlan(JobSpec("embed"), [str(p) for p in photo_paths[:3]], out, resume=True))
 
 
 # --- Ray Data -----------------------------------------------------------------------------------------------------
@@ -249,10 +254,10 @@ def test_ray_engine_rows_equal_the_local_engine(model_dir: Path, corpus: Path, t
     runtime = Runtime(model_dir, device="cpu", threads=1)
     inputs = collect_inputs([str(corpus)])
     local, on_ray = tmp_path / "local.parquet", tmp_path / "ray.parquet"
-    run_job(runtime, JobSpec("embed", top_k=2), inputs, local, chunk_size=3)
+    run_job(runtime, JobPlan(JobSpec("embed", top_k=2), inputs, local, chunk_size=3))
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        run_job(runtime, JobSpec("embed", top_k=2), inputs, on_ray, chunk_size=3, engine="ray", ray_actors=2)
+        run_job(runtime, JobPlan(JobSpec("embed", top_k=2), inputs, on_ray, chunk_size=3), RayEngine(actors=2))
     finally:
         ray.shutdown()
     a, b = pq.read_table(local).to_pylist(), pq.read_table(on_ray).to_pylist()
@@ -263,3 +268,101 @@ def test_ray_engine_rows_equal_the_local_engine(model_dir: Path, corpus: Path, t
         if x["embedding"] is not None:
             assert np.abs(np.array(x["embedding"]) - np.array(y["embedding"])).max() <= 1e-6
     assert read_run_info(on_ray)["engine"] == "ray"
+
+
+# --- one runtime configuration reaches every worker -------------------------------------------------------------
+
+
+def _session_recorder(record: Path, patch: Callable[[Any, str, Any], None]) -> Callable[[], None]:
+    """Wrap ``GraphSession.run`` and ``Runtime.__init__`` in whatever process calls the result, appending what the
+    sessions really ran (batch sizes, providers) and the configuration each Runtime was built with to ``record``.
+    Nested, so Ray pickles it by value into its workers (``worker_process_setup_hook``)."""
+
+    def install() -> None:
+        from pvt_deploy.runtime import runtime as runtime_module
+        from pvt_deploy.runtime import sessions
+
+        run, init = sessions.GraphSession.run, runtime_module.Runtime.__init__
+
+        def write(entry: dict[str, Any]) -> None:
+            with open(record, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+
+        def recording_run(self: Any, batch: Any, output_names: Any = None) -> Any:
+            write({"batch": len(batch), "providers": list(self.session.get_providers())})
+            return run(self, batch, output_names)
+
+        def recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+            write({"config": self.config.to_json()})
+
+        patch(sessions.GraphSession, "run", recording_run)
+        patch(runtime_module.Runtime, "__init__", recording_init)
+
+    return install
+
+
+def _recorded(record: Path) -> tuple[list[int], set[tuple[str, ...]], list[dict[str, Any]]]:
+    entries = [json.loads(line) for line in record.read_text().splitlines()]
+    batches = [e["batch"] for e in entries if "batch" in e]
+    providers = {tuple(e["providers"]) for e in entries if "providers" in e}
+    return batches, providers, [e["config"] for e in entries if "config" in e]
+
+
+_WORKER_CONFIG = RuntimeConfig(device="cpu", threads=1, batch_size=3, providers=("CPUExecutionProvider",),
+                               max_pixels=50_000_000)  # fmt: skip
+"""Options the Ray actors used to lose: the batch size, the providers, the image limits."""
+
+
+def test_local_engine_sessions_run_the_configured_batch_size(
+    model_dir: Path, photo_paths: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = tmp_path / "sessions.jsonl"
+    _session_recorder(record, monkeypatch.setattr)()
+    runtime = Runtime(model_dir, _WORKER_CONFIG)
+    out = tmp_path / "e.parquet"
+    run_job(runtime, JobPlan(JobSpec("embed"), [str(p) for p in photo_paths], out, chunk_size=6))
+    batches, providers, _ = _recorded(record)
+    assert batches == [3, 3] and providers == {tuple(runtime.providers)}
+    assert read_run_info(out)["runtime"] == _WORKER_CONFIG.to_json()  # the batch size is in the run metadata
+
+
+@pytest.mark.slow
+def test_ray_actors_run_the_jobs_whole_runtime_config(model_dir: Path, photo_paths: list[Path], tmp_path: Path) -> None:
+    """The bug: actors rebuilt their Runtime from five options, so ``--batch-size 3`` ran 6 batches of 1 on Ray."""
+    ray = pytest.importorskip("ray")
+    record = tmp_path / "sessions.jsonl"
+    runtime = Runtime(model_dir, _WORKER_CONFIG)
+    out = tmp_path / "e.parquet"
+    hook = _session_recorder(record, setattr)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"worker_process_setup_hook": hook})
+    try:
+        run_job(runtime, JobPlan(JobSpec("embed"), [str(p) for p in photo_paths], out, chunk_size=6),
+                RayEngine(actors=1))  # fmt: skip
+    finally:
+        ray.shutdown()
+    batches, providers, configs = _recorded(record)
+    assert batches == [3, 3] and providers == {tuple(runtime.providers)}
+    assert configs == [_WORKER_CONFIG.to_json()]  # the actor's Runtime: the job's configuration, whole
+    info = read_run_info(out)
+    assert info["engine"] == "ray" and info["runtime"] == _WORKER_CONFIG.to_json()
+
+
+def test_threads_above_the_cpu_bound_is_one_usage_error(model_dir: Path, photo_paths: list[Path]) -> None:
+    result = invoke("predict", model_dir, photo_paths[0], "--threads", 100_000, "--device", "cpu")
+    assert result.exit_code == 2
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        f"Error: --threads must be <= {max_threads()} (4x the {cpu_count()} CPUs present), got 100000"
+    ]
+
+
+@pytest.mark.slow
+def test_quiet_ray_job_prints_only_its_summary(model_dir: Path, photo_paths: list[Path], tmp_path: Path) -> None:
+    """Ray's INFO lines, its C++ notices and its Python warnings stay out of a ``-q`` job's stderr."""
+    out = tmp_path / "e.parquet"
+    command = [sys.executable, "-m", "pvt_deploy", "embed", str(model_dir), *map(str, photo_paths[:3]), "--out",
+               str(out), "--device", "cpu", "--engine", "ray", "--actors", "1", "-q"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [f"Wrote 3 rows to {out}"]

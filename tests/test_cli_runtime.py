@@ -245,7 +245,7 @@ def test_info(model_dir: Path, tmp_path: Path) -> None:
 def test_embed_with_no_images_found(model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "empty_folder").mkdir()
     result = invoke("embed", model_dir, tmp_path / "empty_folder", "--out", tmp_path / "out", "--device", "cpu")
-    assert result.exit_code == 4 and "no images found" in result.stderr
+    assert result.exit_code == 2 and "no images found" in result.stderr  # a usage mistake, not a failed input
     assert not (tmp_path / "out").exists()
 
 
