@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,7 @@ from pvt_deploy.jobs import (
     JobInterrupted,
     JobPlan,
     JobSpec,
+    Part,
     RayEngine,
     collect_inputs,
     prediction_record,
@@ -366,3 +369,164 @@ def test_quiet_ray_job_prints_only_its_summary(model_dir: Path, photo_paths: lis
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == [f"Wrote 3 rows to {out}"]
+
+
+# --- resume: what differs, what changed, what is in the way ---------------------------------------------------------
+
+
+def _interrupted(runtime: Runtime, plan: JobPlan, after_parts: int = 1) -> None:
+    """Run ``plan`` and interrupt it once ``after_parts`` parts are saved (as Ctrl-C would)."""
+    seen: list[Part] = []
+
+    def interrupt(part: Part) -> None:
+        seen.append(part)
+        if len(seen) >= after_parts:
+            raise KeyboardInterrupt
+
+    with pytest.raises(JobInterrupted):
+        run_job(runtime, plan, events=JobEvents(part=interrupt))
+
+
+def test_resume_refusal_names_the_option_and_both_values(
+    runtime: Runtime, photo_paths: list[Path], tmp_path: Path
+) -> None:
+    out, inputs = tmp_path / "e.parquet", [str(p) for p in photo_paths]
+    _interrupted(runtime, JobPlan(JobSpec("embed"), inputs, out, chunk_size=2))
+    with pytest.raises(OutputError, match=r"other options, model \(--top-k: 0 then, 2 now; model.graph: 'embed"):
+        run_job(runtime, JobPlan(JobSpec("embed", top_k=2), inputs, out, resume=True))
+    with pytest.raises(OutputError, match=r"--normalize: False then, True now"):
+        run_job(runtime, JobPlan(JobSpec("embed", normalize=True), inputs, out, resume=True))
+
+
+def test_resume_overwrite_continues_the_same_job_and_replaces_another(
+    runtime: Runtime, photo_paths: list[Path], tmp_path: Path
+) -> None:
+    """``--resume --overwrite``: resume when the partial run is this job, start over when it is another."""
+    out, inputs = tmp_path / "e.parquet", [str(p) for p in photo_paths]
+    reference = tmp_path / "reference.parquet"
+    run_job(runtime, JobPlan(JobSpec("embed"), inputs, reference, chunk_size=2))
+    _interrupted(runtime, JobPlan(JobSpec("embed"), inputs, out, chunk_size=2))
+    notes: list[str] = []
+    run_job(runtime, JobPlan(JobSpec("embed"), inputs, out, resume=True, overwrite=True),
+            events=JobEvents(note=notes.append))  # fmt: skip
+    assert "Resuming: 2 of 6 inputs already done" in notes
+    assert pq.read_table(out).equals(pq.read_table(reference))
+
+    out.unlink()
+    _interrupted(runtime, JobPlan(JobSpec("embed"), inputs[:4], out, chunk_size=2))
+    notes.clear()
+    run_job(runtime, JobPlan(JobSpec("embed"), inputs, out, chunk_size=2, resume=True, overwrite=True),
+            events=JobEvents(note=notes.append))  # fmt: skip
+    assert any("starting over" in note for note in notes)
+    assert pq.read_table(out).equals(pq.read_table(reference))
+
+
+def test_resume_recomputes_inputs_changed_since_their_rows(
+    runtime: Runtime, photo_paths: list[Path], tmp_path: Path
+) -> None:
+    """A file whose size or mtime changed after its row was saved is computed again on --resume."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    inputs = []
+    for photo in photo_paths:
+        shutil.copy(photo, folder / photo.name)
+        inputs.append(str(folder / photo.name))
+    out = tmp_path / "e.parquet"
+    _interrupted(runtime, JobPlan(JobSpec("embed"), inputs, out, chunk_size=2), after_parts=2)
+    shutil.copy(photo_paths[5], inputs[2])  # input 2 (part 1) now holds another photo
+    notes: list[str] = []
+    run_job(runtime, JobPlan(JobSpec("embed"), inputs, out, chunk_size=2, resume=True),
+            events=JobEvents(note=notes.append))  # fmt: skip
+    assert f"Resuming: {inputs[2]} changed since its row was computed; recomputing from input 2" in notes
+    assert "Resuming: 2 of 6 inputs already done" in notes
+    stored = np.array(pq.read_table(out)["embedding"].to_pylist(), np.float32)
+    np.testing.assert_array_equal(stored, runtime.embed(inputs))
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_resume_refuses_a_partial_that_is_not_a_folder(
+    model_dir: Path, photo_paths: list[Path], tmp_path: Path, kind: str
+) -> None:
+    out = tmp_path / "e.parquet"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not ours")
+    if kind == "file":
+        partial_dir(out).write_text("a file")
+    else:
+        partial_dir(out).symlink_to(elsewhere)
+    result = invoke("embed", model_dir, *photo_paths[:2], "--out", out, "--device", "cpu", "--resume")
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and f"{partial_dir(out)} is a" in errors[0] and "Traceback" not in result.stderr
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]  # the link was not followed
+    assert partial_dir(out).is_symlink() == (kind == "symlink") and not out.exists()
+    result = invoke("embed", model_dir, *photo_paths[:2], "--out", out, "--device", "cpu", "--overwrite")
+    assert result.exit_code == 0, result.stderr  # --overwrite removes the link itself, never what it points at
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
+
+
+def test_full_disk_on_the_final_write_keeps_every_row(
+    model_dir: Path, photo_paths: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The final Parquet write failing (ENOSPC, or EFBIG under ``ulimit -f``) is one error line with the resume
+    hint; --resume then writes the same file an uninterrupted run writes."""
+    reference, out = tmp_path / "reference.parquet", tmp_path / "e.parquet"
+    args = ["embed", model_dir, *photo_paths, "--device", "cpu", "--chunk-size", 2]
+    assert invoke(*args, "--out", reference).exit_code == 0
+
+    def full(self: Any, table: Any, *rest: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pq.ParquetWriter, "write_table", full)
+        result = invoke(*args, "--out", out)
+    assert result.exit_code == 1
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        f"Error: cannot write {out} (No space left on device); every finished row is kept in {partial_dir(out)}: "
+        "make room and run the same command with --resume"
+    ]
+    assert not out.exists() and not list(tmp_path.glob(".e.parquet*"))  # no half-written file anywhere
+    resumed = invoke(*args, "--out", out, "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert pq.read_table(out).equals(pq.read_table(reference)) and not partial_dir(out).exists()
+
+
+# --- --from-list --------------------------------------------------------------------------------------------------
+
+
+def test_from_list_that_is_not_text_is_one_usage_error(model_dir: Path, tmp_path: Path) -> None:
+    binary = tmp_path / "list.bin"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+    long_line = tmp_path / "long.txt"
+    long_line.write_text("x" * 100_000 + "\n")
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("caf\xe9.jpg\n".encode("latin-1"))
+    cases = [
+        ("/dev/zero", "line 1 holds a NUL byte"),
+        (binary, "line 1 is not UTF-8 text"),
+        (long_line, "line 1 is longer than 4096 bytes"),
+        (not_utf8, "line 1 is not UTF-8 text"),
+    ]
+    for source, reason in cases:
+        result = invoke("predict", model_dir, "--from-list", source, "--device", "cpu")
+        assert result.exit_code == 2, (source, result.stderr)
+        assert [line for line in result.stderr.splitlines() if line.strip()] == [
+            f"Error: --from-list {source}: not a list of paths ({reason})"
+        ]
+
+
+def test_from_list_reads_a_fifo(photo_paths: list[Path], tmp_path: Path) -> None:
+    fifo = tmp_path / "paths.fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "w") as handle:
+            handle.write("".join(f"{p}\n" for p in photo_paths[:3]))
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    try:
+        assert collect_inputs([], [str(fifo)]) == [str(p) for p in photo_paths[:3]]
+    finally:
+        writer.join(timeout=30)
