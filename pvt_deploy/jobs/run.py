@@ -87,6 +87,7 @@ def run_job(
         store = JobStore(out)
         parts = _resume_or_start(store, identity, plan, events)
         plan = dataclasses.replace(plan, chunk_size=int(store.plan()["chunk_size"]))  # a resume keeps its parts' size
+        identity["chunk_size"] = plan.chunk_size
         done = parts[-1].stop if parts else 0
         events.start(len(inputs), done)
         try:
