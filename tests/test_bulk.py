@@ -530,3 +530,11 @@ def test_from_list_reads_a_fifo(photo_paths: list[Path], tmp_path: Path) -> None
         assert collect_inputs([], [str(fifo)]) == [str(p) for p in photo_paths[:3]]
     finally:
         writer.join(timeout=30)
+
+
+def test_ray_worker_config_is_the_jobs_own() -> None:
+    """Actors get the job's configuration whole; only an unset thread count becomes one thread per actor."""
+    assert RayEngine().worker_config(_WORKER_CONFIG) == _WORKER_CONFIG
+    assert RayEngine().worker_config(_WORKER_CONFIG.replace(threads=None)) == _WORKER_CONFIG
+    with pytest.raises(ValueError, match="preprocess='python'"):
+        RayEngine().worker_config(RuntimeConfig(preprocess="graph"))

@@ -138,7 +138,10 @@ class RayEngine:
 
     def worker_config(self, config: RuntimeConfig) -> RuntimeConfig:
         """The job's configuration, with one intra-op thread per actor unless threads were given: the pool is the
-        parallelism."""
+        parallelism. The decode tasks preprocess in Python, so the image-input graphs (``preprocess="graph"``)
+        are for the local engine."""
+        if config.preprocess != "python":
+            raise ValueError("the Ray engine preprocesses in its decode tasks: use preprocess='python' with it")
         return config if config.threads is not None else config.replace(threads=1)
 
     def compute(
