@@ -538,3 +538,26 @@ def test_ray_worker_config_is_the_jobs_own() -> None:
     assert RayEngine().worker_config(_WORKER_CONFIG.replace(threads=None)) == _WORKER_CONFIG
     with pytest.raises(ValueError, match="preprocess='python'"):
         RayEngine().worker_config(RuntimeConfig(preprocess="graph"))
+
+
+def test_full_disk_while_saving_a_part_keeps_the_saved_ones(
+    runtime: Runtime, photo_paths: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pvt_deploy.jobs.store import JobStore
+
+    inputs, reference, out = [str(p) for p in photo_paths], tmp_path / "reference.parquet", tmp_path / "e.parquet"
+    run_job(runtime, JobPlan(JobSpec("embed"), inputs, reference, chunk_size=2))
+    write_part = JobStore.write_part
+
+    def fills_up(self: JobStore, part: Part, embeddings: Any) -> None:
+        if part.index >= 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_part(self, part, embeddings)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(JobStore, "write_part", fills_up)
+        with pytest.raises(OutputError, match=r"No space left on device\); the finished rows are kept in .*--resume"):
+            run_job(runtime, JobPlan(JobSpec("embed"), inputs, out, chunk_size=2))
+    assert not out.exists() and (partial_dir(out) / "part-000000.json").is_file()
+    run_job(runtime, JobPlan(JobSpec("embed"), inputs, out, chunk_size=2, resume=True))
+    assert pq.read_table(out).equals(pq.read_table(reference))
