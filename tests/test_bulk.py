@@ -561,3 +561,14 @@ def test_full_disk_while_saving_a_part_keeps_the_saved_ones(
     assert not out.exists() and (partial_dir(out) / "part-000000.json").is_file()
     run_job(runtime, JobPlan(JobSpec("embed"), inputs, out, chunk_size=2, resume=True))
     assert pq.read_table(out).equals(pq.read_table(reference))
+
+
+def test_parquet_without_the_bulk_extra_fails_before_any_work(
+    model_dir: Path, photo_paths: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    out = tmp_path / "e.parquet"
+    result = invoke("embed", model_dir, *photo_paths, "--out", out, "--device", "cpu")
+    assert result.exit_code == 11
+    assert "pip install 'pvt-deploy[bulk]' (from a source checkout: pip install -e '.[bulk]')" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no OUT.partial holding work it cannot finish

@@ -60,6 +60,8 @@ def run_job(
     events = events or JobEvents()
     out, spec, inputs = plan.out, plan.spec, list(plan.inputs)
     fmt = output_format(out, spec.task)
+    if fmt == "parquet":  # the [bulk] extra: missing, it is one line before any work, not after all of it
+        import pyarrow.parquet  # noqa: F401
     if not out.parent.is_dir():
         raise OutputError(f"{out.parent}: no such folder")
     identity = {
