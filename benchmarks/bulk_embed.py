@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pvt_deploy import Runtime
 from pvt_deploy.bench.machine import cpu_summary
-from pvt_deploy.jobs import JobSpec, run_job
+from pvt_deploy.jobs import JobPlan, JobSpec, engine_named, run_job
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = [("local", 1), ("local", 2), ("ray", 1), ("ray", 2)]
@@ -27,8 +27,8 @@ def one_run(model_dir: Path, images: list[str], engine: str, width: int, out: Pa
     threads = width if engine == "local" else 1
     runtime = Runtime(model_dir, device="cpu", threads=threads)
     started = time.perf_counter()
-    run_job(runtime, JobSpec("embed"), images, out, engine=engine, ray_actors=width if engine == "ray" else None,
-            overwrite=True)  # fmt: skip
+    plan = JobPlan(JobSpec("embed"), images, out, overwrite=True)
+    run_job(runtime, plan, engine_named(engine, actors=width if engine == "ray" else None))
     return time.perf_counter() - started
 
 

@@ -57,6 +57,13 @@ class TrainingError(PvtDeployError):
     exit_code = 9
 
 
+class UsageError(PvtDeployError):
+    """A command-line mistake found once the options are parsed: inputs that select nothing (no images, a glob
+    that matches nothing, a list that is not a list of paths) or an option out of range for this machine."""
+
+    exit_code = 2
+
+
 class OutputError(PvtDeployError):
     """The output location is in a state the command will not overwrite or cannot use."""
 

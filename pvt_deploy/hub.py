@@ -10,10 +10,14 @@ point it at a local server), the registry's URL.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import http.client
 import os
+import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -34,6 +38,8 @@ DEFAULT_TIMEOUT = 900.0
 """Seconds a whole download may take (``--timeout``): a server dripping bytes cannot keep it running forever."""
 READ_TIMEOUT = 60.0
 """Seconds any single connect or read may wait for data (a stalled server fails sooner than the deadline)."""
+SIZE_MARGIN = 0.10
+"""How far past the published size a download may run before it is stopped: registries state sizes roughly (MB)."""
 _CHUNK = 1 << 20
 _USER_AGENT = "pvt-deploy"
 _URL_SCHEMES = ("http", "https", "file")
@@ -54,6 +60,12 @@ class PublishedWeights:
     @property
     def filename(self) -> str:
         return f"{self.name}.pt"
+
+    @property
+    def max_bytes(self) -> int:
+        """The most bytes a download of this file may bring: the published size (read as MiB, the larger reading)
+        plus ``SIZE_MARGIN``. An endless or oversized answer stops here, well within twice the published size."""
+        return int(self.file_size_mb * (1 << 20) * (1 + SIZE_MARGIN))
 
 
 _DESCRIPTION = "PVT v2 B2 model pretrained using MMCR, then fine-tuned on the il-all dataset (550 bird species)"
@@ -176,6 +188,87 @@ class _DeadlinePassed(Exception):
     pass
 
 
+class _TooLarge(Exception):
+    pass
+
+
+class _Watchdog:
+    """Holds the overall deadline over everything a socket does: connect, the status line, every header line and the
+    body. urllib's timeout is per socket operation, so a server that sends one header line a second would never
+    trip it; at the deadline the watchdog shuts the sockets down, and whatever read was waiting returns at once."""
+
+    def __init__(self, deadline: _Deadline) -> None:
+        self.deadline = deadline
+        self.fired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        if deadline.end is not None:
+            self._timer = threading.Timer(max(0.0, deadline.remaining()), self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.fired:
+                _shut(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _WatchedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: object, watchdog: _Watchdog, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.watchdog = watchdog
+
+    def connect(self) -> None:
+        super().connect()
+        self.watchdog.track(self.sock)
+
+
+class _WatchedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: object, watchdog: _Watchdog, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.watchdog = watchdog
+
+    def connect(self) -> None:
+        super().connect()
+        self.watchdog.track(self.sock)
+
+
+class _WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, watchdog: _Watchdog) -> None:
+        super().__init__()
+        self.watchdog = watchdog
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_WatchedHTTPConnection, watchdog=self.watchdog), req)
+
+
+class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, watchdog: _Watchdog) -> None:
+        super().__init__()
+        self.watchdog = watchdog
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        connection = functools.partial(_WatchedHTTPSConnection, watchdog=self.watchdog)
+        return self.do_open(connection, req, context=self._context)  # type: ignore[attr-defined]
+
+
 def _set_read_timeout(response: object, seconds: float) -> None:
     """Shorten the socket timeout to what is left of the deadline (best effort: urllib hides the socket)."""
     sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
@@ -184,7 +277,12 @@ def _set_read_timeout(response: object, seconds: float) -> None:
 
 
 def _stream(
-    response: IO[bytes], handle: IO[bytes], total: int | None, progress: _Progress, deadline: _Deadline
+    response: IO[bytes],
+    handle: IO[bytes],
+    total: int | None,
+    progress: _Progress,
+    deadline: _Deadline,
+    max_bytes: int | None,
 ) -> tuple[int, str]:
     digest = hashlib.sha256()
     done = 0
@@ -201,7 +299,11 @@ def _stream(
                 raise _DeadlinePassed(done) from None
             raise
         if not chunk:
+            if deadline.passed():  # the watchdog shut the socket: not the end of the file
+                raise _DeadlinePassed(done)
             break
+        if max_bytes is not None and done + len(chunk) > max_bytes:
+            raise _TooLarge(done + len(chunk))
         handle.write(chunk)
         digest.update(chunk)
         done += len(chunk)
@@ -210,36 +312,48 @@ def _stream(
     return done, digest.hexdigest()
 
 
-def _fetch(url: str, handle: IO[bytes], label: str, progress: bool, deadline: _Deadline) -> tuple[int | None, int, str]:
-    """Stream ``url`` into ``handle``; returns (Content-Length or None, bytes received, sha256 hex)."""
+def _fetch(
+    url: str, handle: IO[bytes], label: str, progress: bool, deadline: _Deadline, max_bytes: int | None = None
+) -> tuple[int | None, int, str]:
+    """Stream ``url`` into ``handle``; returns (Content-Length or None, bytes received, sha256 hex).
+
+    ``deadline`` covers the whole exchange (a watchdog shuts the socket when it passes); more than ``max_bytes``,
+    announced by Content-Length or received, stops the download."""
     try:
         request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     except ValueError as exc:
         raise DownloadError(f"{url}: not a URL that can be downloaded ({exc})") from None
+    watchdog = _Watchdog(deadline)
+    opener = urllib.request.build_opener(_WatchedHTTPHandler(watchdog), _WatchedHTTPSHandler(watchdog))
+    too_large = f"larger than the published size allows ({max_bytes} bytes)"
     try:
-        with urllib.request.urlopen(request, timeout=deadline.socket_timeout()) as response:
+        with opener.open(request, timeout=deadline.socket_timeout()) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            done, digest = _stream(response, handle, total, _Progress(label, total, progress), deadline)
+            if max_bytes is not None and total is not None and total > max_bytes:
+                raise DownloadError(f"{url}: the server announces {total} bytes, {too_large}; nothing was kept")
+            done, digest = _stream(response, handle, total, _Progress(label, total, progress), deadline, max_bytes)
     except _DeadlinePassed as exc:
         raise DownloadError(
             f"{url}: not finished within the {deadline.seconds:g} s timeout ({exc.args[0]} bytes received); "
             "raise --timeout for a slow connection"
         ) from None
+    except _TooLarge as exc:
+        raise DownloadError(f"{url}: stopped at {exc.args[0]} bytes, {too_large}; nothing was kept") from None
     except urllib.error.HTTPError as exc:
         if 300 <= exc.code < 400:
             raise DownloadError(f"{url}: too many redirects (HTTP {exc.code}: a redirect loop)") from None
         raise DownloadError(f"{url}: HTTP {exc.code} {_first_line(exc.reason)}") from None
-    except urllib.error.URLError as exc:
-        if deadline.passed():
-            raise DownloadError(f"{url}: no answer within the {deadline.seconds:g} s timeout") from None
-        raise DownloadError(f"{url}: cannot connect ({_first_line(exc.reason)})") from None
-    except TimeoutError:
-        if deadline.passed():
-            raise DownloadError(f"{url}: not finished within the {deadline.seconds:g} s timeout") from None
-        raise DownloadError(f"{url}: download stalled (no data for {READ_TIMEOUT:g} s)") from None
-    except (http.client.HTTPException, OSError, ValueError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        if deadline.passed() or watchdog.fired:
+            raise DownloadError(f"{url}: no complete answer within the {deadline.seconds:g} s timeout") from None
+        if isinstance(exc, urllib.error.URLError):
+            raise DownloadError(f"{url}: cannot connect ({_first_line(exc.reason)})") from None
+        if isinstance(exc, TimeoutError):
+            raise DownloadError(f"{url}: download stalled (no data for {READ_TIMEOUT:g} s)") from None
         raise DownloadError(f"{url}: download interrupted ({type(exc).__name__}: {_first_line(exc)})") from None
+    finally:
+        watchdog.cancel()
     return total, done, digest
 
 
@@ -261,8 +375,10 @@ def download(
     The file is streamed into ``.<name>.pt.part-<pid>-<starttime>`` in the cache folder, fsynced, checked against
     the published sha256 and only then renamed into place, so an interrupted or corrupted download never leaves a
     file under the final name; such part files of runs that no longer exist are removed by the next download.
-    ``timeout`` bounds the whole download in seconds (None: no limit; any single read still gives up after
-    ``READ_TIMEOUT``). Failures raise ``DownloadError`` with one line (a checksum mismatch says expected vs got)."""
+    ``timeout`` bounds the whole exchange in seconds, headers included (None: no limit; any single read still gives
+    up after ``READ_TIMEOUT``). The size is bounded too: a Content-Length or a body beyond the published size plus
+    ``SIZE_MARGIN`` stops the download. Failures raise ``DownloadError`` with one line (a checksum mismatch says
+    expected vs got)."""
     if timeout is not None and not timeout > 0:
         raise DownloadError(f"--timeout must be a positive number of seconds, got {timeout}")
     deadline = _Deadline(timeout)
@@ -287,7 +403,7 @@ def download(
         with open(tmp, "wb") as handle:
             if progress:
                 sys.stderr.write(f"Downloading {url} -> {final}\n")
-            total, done, digest = _fetch(url, handle, name, progress, deadline)
+            total, done, digest = _fetch(url, handle, name, progress, deadline, weights.max_bytes)
             handle.flush()
             os.fsync(handle.fileno())
         if total is not None and done != total:

@@ -229,8 +229,16 @@ def test_info(model_dir: Path, tmp_path: Path) -> None:
     assert "checksums:  OK (7 files)" in result.stdout  # 3 graphs, 2 image graphs, weights.bin, labels.txt
     assert "graph:      classify [fp32] classify.onnx" in result.stdout
     assert "input[batchx3x64x64] float32" in result.stdout
+    # the image-input graphs other languages call are listed too
+    assert "graph:      classify [image input] classify.image.onnx" in result.stdout
+    assert "graph:      embed [image input] embed.image.onnx" in result.stdout
+    assert "image[heightxwidthxchannels] uint8" in result.stdout
     summary = json.loads(invoke("info", model_dir, "--json").stdout)
     assert summary["precisions"] == ["fp32"] and summary["checksums_ok"] is True
+    assert {g: e["file"] for g, e in summary["image_graphs"].items()} == {
+        "classify": "classify.image.onnx",
+        "embed": "embed.image.onnx",
+    }
 
     broken = Path(shutil.copytree(model_dir, tmp_path / "broken"))
     (broken / "weights.bin").write_bytes(b"\0" * 10)
@@ -245,7 +253,7 @@ def test_info(model_dir: Path, tmp_path: Path) -> None:
 def test_embed_with_no_images_found(model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "empty_folder").mkdir()
     result = invoke("embed", model_dir, tmp_path / "empty_folder", "--out", tmp_path / "out", "--device", "cpu")
-    assert result.exit_code == 4 and "no images found" in result.stderr
+    assert result.exit_code == 2 and "no images found" in result.stderr  # a usage mistake, not a failed input
     assert not (tmp_path / "out").exists()
 
 
@@ -279,3 +287,28 @@ def test_job_store_keeps_only_whole_parts(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.load(out / "embeddings.npy"), [[1, 1, 1], [0, 0, 0], [0, 0, 0]])
     assert json.loads((out / "errors.json").read_text()) == [{"path": "b", "error": "b: bad"}]
     assert not store.work.exists()
+
+
+# --- usage mistakes, row shape ----------------------------------------------------------------------------------------
+
+
+def test_usage_mistakes_exit_2_with_one_error_line(model_dir: Path, tmp_path: Path) -> None:
+    """No images at all, or a glob that matches nothing, is a usage mistake (2), not "some inputs failed" (4)."""
+    result = invoke("predict", model_dir, "--device", "cpu")
+    assert result.exit_code == 2 and len(error_lines(result)) == 1 and "no images found" in result.stderr
+    result = invoke("predict", model_dir, tmp_path / "*.jpg", "--device", "cpu")
+    assert result.exit_code == 2
+    assert error_lines(result) == [f"Error: {tmp_path / '*.jpg'}: no files match this pattern"]
+
+
+def test_json_predictions_have_the_http_row_shape(model_dir: Path, runtime: Runtime, photo_paths: list[Path]) -> None:
+    """``{"label", "index", "probability"}`` as ``/v1/predict`` answers; -k above the class count gives every class
+    (operations.top_k, no clamping in the CLI)."""
+    result = invoke("predict", model_dir, photo_paths[0], "--json", "--device", "cpu", "-k", 50)
+    assert result.exit_code == 0, result.stderr
+    (record,) = json.loads(result.stdout)
+    predictions = record["predictions"]
+    assert len(predictions) == len(runtime.labels) == 10
+    assert all(list(p) == ["label", "index", "probability"] for p in predictions)
+    assert all(runtime.labels[p["index"]] == p["label"] for p in predictions)
+    assert [(p["label"], p["probability"]) for p in predictions] == runtime.predict(photo_paths[0], top_k=10)[0]

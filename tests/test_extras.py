@@ -137,7 +137,8 @@ def test_missing_package_is_one_line_naming_the_extra(monkeypatch: pytest.Monkey
     result = CliRunner().invoke(cli, ["bench", "somewhere"])
     assert result.exit_code == MissingExtraError.exit_code == 11
     assert result.output.strip().splitlines() == [
-        "Error: `pvt-deploy bench` needs the [bench] extra (psutil is not installed): pip install 'pvt-deploy[bench]'"
+        "Error: `pvt-deploy bench` needs the [bench] extra (psutil is not installed): pip install 'pvt-deploy[bench]' "
+        "(from a source checkout: pip install -e '.[bench]')"
     ]
 
 
@@ -157,5 +158,6 @@ def test_missing_module_at_import_time_is_one_line(monkeypatch: pytest.MonkeyPat
     result = CliRunner().invoke(cli, ["train", "mmcr", "photos/"])
     assert result.exit_code == 11
     assert result.output.strip().splitlines() == [
-        "Error: `pvt-deploy train` needs the [train] extra (torch is not installed): pip install 'pvt-deploy[train]'"
+        "Error: `pvt-deploy train` needs the [train] extra (torch is not installed): pip install 'pvt-deploy[train]' "
+        "(from a source checkout: pip install -e '.[train]')"
     ]

@@ -31,12 +31,32 @@ class _Server:
         self.files: dict[str, bytes] = {}
         self.truncate = False
         self.drip: float | None = None
+        self.header_drip: float | None = None  # one header line every this many seconds, 40 lines, then the file
+        self.header_lines_sent = 0
+        self.endless = False  # no Content-Length, and a body that never ends
+        self.endless_sent = 0
+        self.claimed_length: int | None = None  # a Content-Length far beyond what is sent
         self.requests: list[str] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 server.requests.append(self.path)
+                try:
+                    if server.header_drip is not None:
+                        self._trickle_headers(server.files[self.path], server.header_drip)
+                        return
+                    if server.endless:
+                        self._endless()
+                        return
+                    if server.claimed_length is not None:
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(server.claimed_length))
+                        self.end_headers()
+                        self._endless()
+                        return
+                except OSError:  # the client gave up
+                    return
                 if self.path.startswith("/loop"):
                     self.send_response(302)
                     self.send_header("Location", self.path)
@@ -67,6 +87,27 @@ class _Server:
                         time.sleep(every)
                 except OSError:  # the client gave up
                     pass
+
+            def _trickle_headers(self, body: bytes, every: float) -> None:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                for index in range(40):
+                    self.wfile.write(f"X-Slow-{index}: y\r\n".encode())
+                    self.wfile.flush()
+                    server.header_lines_sent += 1
+                    time.sleep(every)
+                self.wfile.write(f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+                self.wfile.flush()
+
+            def _endless(self) -> None:
+                if server.claimed_length is None:
+                    self.send_response(200)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                chunk = b"\0" * 65536
+                give_up = time.monotonic() + 20
+                while time.monotonic() < give_up:
+                    self.wfile.write(chunk)
+                    server.endless_sent += len(chunk)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -317,3 +358,37 @@ def test_a_killed_download_leaves_a_part_file_the_next_one_removes(server: _Serv
     server.drip = None
     path = hub.download(NAME, cache_dir=tmp_path, base_url=server.base_url, progress=False)
     assert _leftovers(tmp_path) == [path.name]
+
+
+def test_trickling_headers_cannot_outlast_the_timeout(server: _Server, tmp_path: Path) -> None:
+    """The deadline covers the headers too: one header line every 0.25 s never trips a per-read timeout."""
+    server.header_drip = 0.25
+    with pytest.raises(DownloadError, match=r"within the 1\.5 s timeout"):
+        hub.download(NAME, cache_dir=tmp_path, base_url=server.base_url, progress=False, timeout=1.5)
+    assert server.header_lines_sent < 40  # the client hung up mid-headers instead of reading them all
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.fixture
+def published_size(monkeypatch: pytest.MonkeyPatch) -> int:
+    """NAME published at PAYLOAD's size (the registry's stated size, in MB)."""
+    weights = hub.PUBLISHED[NAME]
+    monkeypatch.setitem(hub.PUBLISHED, NAME, replace(weights, file_size_mb=len(PAYLOAD) / (1 << 20)))
+    return len(PAYLOAD)
+
+
+def test_an_endless_body_stops_near_the_published_size(server: _Server, published_size: int, tmp_path: Path) -> None:
+    hub.download(NAME, cache_dir=tmp_path / "ok", base_url=server.base_url, progress=False)  # the real size passes
+    server.endless = True
+    with pytest.raises(DownloadError, match=r"stopped at (\d+) bytes, larger than the published size") as error:
+        hub.download(NAME, cache_dir=tmp_path / "endless", base_url=server.base_url, progress=False, timeout=60)
+    stopped_at = int(error.value.args[0].split("stopped at ")[1].split()[0])
+    assert published_size < stopped_at <= 2 * published_size
+    assert _leftovers(tmp_path / "endless") == []
+
+
+def test_an_oversized_content_length_is_refused_up_front(server: _Server, published_size: int, tmp_path: Path) -> None:
+    server.claimed_length = 10**15
+    with pytest.raises(DownloadError, match=r"announces 1000000000000000 bytes, larger than the published size"):
+        hub.download(NAME, cache_dir=tmp_path, base_url=server.base_url, progress=False, timeout=60)
+    assert _leftovers(tmp_path) == []

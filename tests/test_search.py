@@ -100,3 +100,23 @@ def test_ann_index_keeps_recall(tmp_path: Path) -> None:
         [len({h.path for h in hits} & {paths[i] for i in row}) / 10 for hits, row in zip(found, expected, strict=True)]
     )
     assert recall >= 0.95
+
+
+def test_cli_one_pair_and_aligned_negative_similarities(
+    tiny_export_dir: Path, photo_paths: list[Path], tmp_path: Path
+) -> None:
+    from pvt_deploy import Runtime
+
+    query = Runtime(tiny_export_dir, device="cpu").embed(photo_paths[0])[0]
+    vectors = np.stack([query, -query, query * 2]).astype(np.float32)
+    folder = _embed_folder(tmp_path / "emb", vectors, ["same.jpg", "opposite.jpg", "twice.jpg"])
+    runner = CliRunner()
+    db = tmp_path / "db"
+    assert runner.invoke(cli, ["index", "build", str(folder), "--db", str(db)]).exit_code == 0
+    found = runner.invoke(cli, ["search", "--db", str(db), "--model", str(tiny_export_dir), str(photo_paths[0])])
+    assert found.exit_code == 0, found.stderr
+    lines = found.stdout.splitlines()[1:]
+    assert [line.split()[1] for line in lines][-1] == "opposite.jpg" and "-1.0" in lines[-1]
+    assert len({line.index(".jpg") - len(line.split()[1]) + 4 for line in lines}) == 1  # paths in one column
+    pairs = runner.invoke(cli, ["duplicates", "--db", str(db), "--threshold", "0.99"])
+    assert pairs.exit_code == 0 and "1 pair at cosine similarity >= 0.99" in pairs.stderr

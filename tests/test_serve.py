@@ -150,7 +150,8 @@ def test_missing_serve_extra_is_one_error_line(model_dir: Path, tmp_path: Path) 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == MissingExtraError.exit_code
     assert done.stderr.strip() == (
-        "Error: `pvt-deploy serve` needs the [serve] extra (fastapi is not installed): pip install 'pvt-deploy[serve]'"
+        "Error: `pvt-deploy serve` needs the [serve] extra (fastapi is not installed): pip install 'pvt-deploy[serve]' "
+        "(from a source checkout: pip install -e '.[serve]')"
     )
 
 

@@ -101,9 +101,13 @@ def missing_extra(command: str, exc: ModuleNotFoundError) -> MissingExtraError:
     spec = ",".join(extras)
     noun = "extra" if len(extras) == 1 else "extras"
     return MissingExtraError(
-        f"`pvt-deploy {command}` needs the [{spec}] {noun} ({missing} is not installed): "
-        f"pip install 'pvt-deploy[{spec}]'"
+        f"`pvt-deploy {command}` needs the [{spec}] {noun} ({missing} is not installed): {install_hint(spec)}"
     )
+
+
+def install_hint(extras: str) -> str:
+    """How to add ``extras``: from the package index, and (the form that works there) from a source checkout."""
+    return f"pip install 'pvt-deploy[{extras}]' (from a source checkout: pip install -e '.[{extras}]')"
 
 
 class LazyGroup(click.Group):

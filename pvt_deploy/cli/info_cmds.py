@@ -49,6 +49,10 @@ def _print_info(summary: dict[str, Any]) -> None:
             echo(f"graph:      {graph} [{precision}] {entry['file']}")
             echo(f"              in:  {_format_io(entry['inputs'])}")
             echo(f"              out: {_format_io(entry['outputs'])}")
+    for graph, entry in summary.get("image_graphs", {}).items():  # what clients in other languages call
+        echo(f"graph:      {graph} [image input] {entry['file']}")
+        echo(f"              in:  {_format_io(entry['inputs'] or [])}")
+        echo(f"              out: {_format_io(entry['outputs'] or [])}")
     if summary["checksums_ok"]:
         echo(f"checksums:  OK ({summary['files']} files)")
     else:

@@ -4,8 +4,9 @@ millions. Argument parsing and printing only; the job itself is ``pvt_deploy.job
 Exit codes: 0 all good (or a ``--resume`` of a finished job); 4 (``ImageError``) some inputs failed, each named on
 stderr and kept as a row with its error; 5 (``ModelDirError``) the folder is missing, invalid or fails its
 checksums; 10 (``DeviceError``) CUDA was asked for and is not usable; 1 an output in the way (exists, locked by
-another run, or an unfinished run without ``--resume``); 2 bad options (click); 130 interrupted (resume with
-``--resume``).
+another run, or an unfinished run without ``--resume``) or a write that failed (a full disk: the rows are kept for
+``--resume``); 2 bad usage (click, or ``UsageError``: no images given, a glob that matches nothing, a list that is
+not text, ``--threads`` above the CPUs' bound); 130 interrupted (resume with ``--resume``).
 """
 
 from __future__ import annotations
@@ -22,20 +23,24 @@ from typing import Any
 import click
 import numpy as np
 
-from pvt_deploy.errors import ImageError, OutputError
+from pvt_deploy.errors import ImageError, OutputError, UsageError
 from pvt_deploy.jobs import (
     DEFAULT_CHUNK_SIZE,
     ENGINES,
     JobEvents,
+    JobPlan,
     JobSpec,
     Part,
     collect_inputs,
+    engine_named,
     iter_parts,
+    label_indexes,
     prediction_lines,
     prediction_record,
     run_job,
 )
 from pvt_deploy.jobs.store import atomic_write_bytes
+from pvt_deploy.runtime.config import RuntimeConfig
 from pvt_deploy.runtime.runtime import Runtime
 from pvt_deploy.runtime.sessions import DEVICES
 
@@ -122,15 +127,24 @@ def _warnings_as_lines() -> Iterator[None]:
         yield
 
 
+def runtime_config(options: dict[str, Any]) -> RuntimeConfig:
+    """The ``_runtime_options`` as one ``RuntimeConfig`` (what the Runtime, and every Ray actor, is built from); a
+    value it refuses (``--threads`` above the CPUs' bound) is a ``UsageError`` naming the option."""
+    try:
+        return RuntimeConfig(
+            device=options["device"],
+            precision=options["precision"],
+            threads=options["threads"],
+            batch_size=options["batch_size"],
+            exif_transpose=options["exif_transpose"],
+        )
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
+
+
 def _open_runtime(model_dir: Path, options: dict[str, Any]) -> Runtime:
-    return Runtime(
-        model_dir,
-        device=options["device"],
-        precision=options["precision"],
-        threads=options["threads"],
-        batch_size=options["batch_size"],
-        exif_transpose=options["exif_transpose"],
-    )
+    return Runtime(model_dir, runtime_config(options))
 
 
 class _Progress:
@@ -196,20 +210,10 @@ def _run_to_file(
     runtime: Runtime, spec: JobSpec, inputs: list[str], out: Path, label: str, quiet: bool, job: dict[str, Any]
 ) -> None:
     progress = _Progress(label, quiet)
+    plan = JobPlan(spec, inputs, out, job["chunk_size"], resume=job["resume"], overwrite=job["overwrite"])
+    engine = engine_named(job["engine"], job["address"], job["actors"])
     try:
-        result = run_job(
-            runtime,
-            spec,
-            inputs,
-            out,
-            resume=job["resume"],
-            overwrite=job["overwrite"],
-            chunk_size=job["chunk_size"],
-            engine=job["engine"],
-            ray_address=job["address"],
-            ray_actors=job["actors"],
-            events=progress.events(),
-        )
+        result = run_job(runtime, plan, engine, progress.events())
     finally:
         progress.close()
     if result.already_complete:
@@ -238,7 +242,7 @@ def predict(model_dir: Path, images: tuple[str, ...], top_k: int, as_json: bool,
     with _warnings_as_lines():
         inputs = collect_inputs(images, from_list)
         runtime = _open_runtime(model_dir, options)
-        spec = JobSpec("predict", top_k=min(top_k, len(runtime.labels)))
+        spec = JobSpec("predict", top_k=top_k)
         if out is not None:
             _run_to_file(runtime, spec, inputs, out, "predict", quiet, job)
             return
@@ -250,6 +254,7 @@ def predict(model_dir: Path, images: tuple[str, ...], top_k: int, as_json: bool,
 def _predict_to_stdout(runtime: Runtime, spec: JobSpec, inputs: list[str], as_json: bool, quiet: bool,
                        chunk_size: int) -> None:  # fmt: skip
     untrained = runtime.manifest.random_weights
+    label_index = label_indexes(runtime.labels)
     progress = _Progress("predict", quiet)
     progress.start(len(inputs), 0)
     records, failed = [], 0
@@ -260,7 +265,7 @@ def _predict_to_stdout(runtime: Runtime, spec: JobSpec, inputs: list[str], as_js
             progress.report_failures(part)
             failed += len(part.failed)
             if as_json:
-                records.extend(prediction_record(row, untrained) for row in part.rows)
+                records.extend(prediction_record(row, untrained, label_index=label_index) for row in part.rows)
                 continue
             lines = [line for row in part.rows if row["status"] == "ok" for line in prediction_lines(row)]
             if lines:
@@ -298,7 +303,7 @@ def embed(model_dir: Path, paths: tuple[str, ...], out: Path, normalize: bool, t
         runtime = _open_runtime(model_dir, options)
         if top_k and out.suffix.lower() not in (".parquet", ".jsonl"):
             raise click.UsageError("--top-k needs --out *.parquet or *.jsonl")
-        spec = JobSpec("embed", top_k=min(top_k, len(runtime.labels)) if top_k else 0, normalize=normalize)
+        spec = JobSpec("embed", top_k=top_k, normalize=normalize)
         _run_to_file(runtime, spec, inputs, out, "embed", quiet, job)
 
 

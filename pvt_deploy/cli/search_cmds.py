@@ -65,7 +65,7 @@ def search(images: tuple[str, ...], db: Path, top: int, model_dir: Path | None, 
         for path, found in zip(good, hits, strict=True):
             click.echo(path)
             for hit in found:
-                click.echo(f"  {hit.similarity:.6f}  {hit.path}")
+                click.echo(f"  {_similarity(hit.similarity)}  {hit.path}")
     if result.errors:
         raise ImageError(f"{len(result.errors)} of {len(paths)} inputs failed (listed above)")
 
@@ -82,5 +82,11 @@ def duplicates(db: Path, threshold: float, as_json: bool) -> None:
         click.echo(json.dumps([{"a": a, "b": b, "similarity": s} for a, b, s in pairs], indent=1))
     else:
         for a, b, similarity in pairs:
-            click.echo(f"{similarity:.6f}  {a}  {b}")
-    click.echo(f"{len(pairs)} pairs at cosine similarity >= {threshold}", err=True)
+            click.echo(f"{_similarity(similarity)}  {a}  {b}")
+    noun = "pair" if len(pairs) == 1 else "pairs"
+    click.echo(f"{len(pairs)} {noun} at cosine similarity >= {threshold}", err=True)
+
+
+def _similarity(value: float) -> str:
+    """A cosine similarity in a fixed width (room for the sign), so the paths after it stay in one column."""
+    return f"{value:9.6f}"

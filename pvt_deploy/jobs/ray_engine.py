@@ -2,15 +2,17 @@
 
 The pipeline yields rows back in input order (``preserve_order``) and the driver writes them through the same
 ``JobStore`` as the local engine, so resume, the lock and every output format work unchanged, and the rows equal
-the local engine's: the decode tasks use the model's own ``Preprocessor`` and the actors call the same
-``compute_part`` on the preprocessed rows. On a cluster, workers must see the input paths (and, for features, the
-output folder) at the same paths as the driver: a shared or object-store-mounted file system.
+the local engine's: the decode tasks use the model's own ``Preprocessor``, the actors build their ``Runtime`` from
+the job's whole ``RuntimeConfig`` (batch size, providers, limits: nothing is rebuilt option by option) and call the
+same ``compute_part`` on the preprocessed rows, and the rows come back as Arrow columns. On a cluster, workers must
+see the input paths (and, for features, the output folder) at the same paths as the driver: a shared or
+object-store-mounted file system.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,12 @@ from typing import Any
 import numpy as np
 
 from pvt_deploy.errors import ImageError
-from pvt_deploy.jobs.run import JobEvents
+from pvt_deploy.jobs.engine import ComputedPart, JobEvents, JobPlan
 from pvt_deploy.jobs.store import Part
 from pvt_deploy.jobs.tasks import Decoded, JobSpec, compute_part
 from pvt_deploy.preprocess import Preprocessor
 from pvt_deploy.runtime import Runtime
+from pvt_deploy.runtime.config import RuntimeConfig
 
 DECODE_CPUS = 0.25
 ACTOR_CPUS = 0.75
@@ -42,15 +45,58 @@ def _decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor) -> d
     return {"index": batch["index"], "path": batch["path"], "row": np.stack(rows), "error": np.array(errors)}
 
 
-class _InferActor:
-    """One Runtime per actor, created once; each call turns a batch of decoded rows into finished rows."""
+def rows_schema(spec: JobSpec, embedding_dim: int | None) -> Any:
+    """The Arrow schema of finished rows between actor and driver: the row dict's keys in its own order, then the
+    embedding (NaN rows for failed inputs)."""
+    import pyarrow as pa
 
-    def __init__(self, runtime_options: dict[str, Any], spec: JobSpec, features_dir: str) -> None:
-        self.runtime = Runtime(**runtime_options)
+    fields = [
+        pa.field("index", pa.int64()),
+        pa.field("path", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+    if spec.top_k:
+        fields += [pa.field("labels", pa.list_(pa.string())), pa.field("probabilities", pa.list_(pa.float64()))]
+    if spec.task == "features":
+        fields.append(pa.field("file", pa.string()))
+    if embedding_dim is not None:
+        fields.append(pa.field("embedding", pa.list_(pa.float32(), embedding_dim)))
+    return pa.schema(fields)
+
+
+def part_to_arrow(spec: JobSpec, part: Part, embeddings: np.ndarray | None) -> Any:
+    """A finished part as one Arrow table (what an actor returns)."""
+    import pyarrow as pa
+
+    dim = None if embeddings is None else int(embeddings.shape[1])
+    schema = rows_schema(spec, dim)
+    columns: dict[str, Any] = {name: [row[name] for row in part.rows] for name in schema.names if name != "embedding"}
+    if embeddings is not None:
+        values = pa.array(np.ascontiguousarray(embeddings, np.float32).reshape(-1), pa.float32())
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(values, dim)
+    return pa.table(columns, schema=schema)
+
+
+def rows_from_arrow(table: Any) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+    """``part_to_arrow``'s table -> the row dicts and the (N, D) float32 embeddings (or None)."""
+    if "embedding" not in table.column_names:
+        return table.to_pylist(), None
+    column = table.column("embedding").combine_chunks()
+    embeddings = column.flatten().to_numpy(zero_copy_only=False).reshape(len(table), column.type.list_size)
+    return table.drop_columns(["embedding"]).to_pylist(), embeddings.astype(np.float32, copy=False)
+
+
+class _InferActor:
+    """One Runtime per actor, created once from the job's ``RuntimeConfig``; each call turns a batch of decoded
+    rows into an Arrow table of finished rows."""
+
+    def __init__(self, model_dir: str, config: RuntimeConfig, spec: JobSpec, features_dir: str) -> None:
+        self.runtime = Runtime(model_dir, config)
         self.spec = spec
         self.features_dir = Path(features_dir)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         indexes = [int(i) for i in batch["index"]]
         if indexes != list(range(indexes[0], indexes[0] + len(indexes))):
             raise RuntimeError("the Ray pipeline delivered a batch out of order")
@@ -59,17 +105,19 @@ class _InferActor:
             for path, row, error in zip(batch["path"], batch["row"], batch["error"], strict=True)
         ]
         part, embeddings = compute_part(self.runtime, self.spec, items, indexes[0], 0, self.features_dir)
-        result: dict[str, Any] = {"index": np.array(indexes), "row": np.array([json.dumps(r) for r in part.rows])}
-        if embeddings is not None:
-            result["embedding"] = embeddings
-        return result
+        return part_to_arrow(self.spec, part, embeddings)
 
 
 def _ensure_ray(address: str | None) -> Any:
     import ray
+    import ray.data  # configures Ray Data's loggers: quieten them after this, not before
 
-    for name in ("ray", "ray.data"):  # the job prints its own progress; Ray's INFO lines would interleave with it
+    # the job prints its own progress and errors: Ray's INFO lines and notices would interleave with them
+    for name in ("ray", "ray.data", "ray.serve"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Ray's own warnings (deprecations raised while it copies its DataContext, advice on its concurrency settings)
+    # are not the user's to act on
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     context = ray.data.DataContext.get_current()
@@ -78,54 +126,66 @@ def _ensure_ray(address: str | None) -> Any:
     return ray
 
 
-def compute_on_ray(
-    runtime: Runtime,
-    spec: JobSpec,
-    inputs: list[str],
-    done: int,
-    first_part: int,
-    chunk_size: int,
-    features_dir: Path,
-    address: str | None,
-    actors: int | None,
-    events: JobEvents,
-) -> Iterator[tuple[Part, np.ndarray | None]]:
-    """Parts of ``chunk_size`` rows for ``inputs[done:]``, in order, computed by a Ray Data pipeline."""
-    if done >= len(inputs):
-        return
-    ray = _ensure_ray(address)
-    runtime_options = {
-        "model_dir": str(runtime.model_dir.resolve()),
-        "device": runtime.device,
-        "precision": runtime.precision,
-        "threads": runtime.threads or 1,  # one intra-op thread per actor: the pool is the parallelism
-        "exif_transpose": runtime.exif_transpose,
-    }
-    size = int(actors or max(1, int(ray.available_resources().get("CPU", 1))))
-    dataset = ray.data.from_items([{"index": i, "path": inputs[i]} for i in range(done, len(inputs))])
-    # Different CPU shares keep Ray from fusing the decode tasks into the actors: decoding stays in tasks that any
-    # free CPU can run, while each actor holds its Runtime (and a session) for the whole job.
-    dataset = dataset.map_batches(
-        _decode_batch, fn_kwargs={"preprocessor": runtime.spec}, batch_size=chunk_size, num_cpus=DECODE_CPUS
-    )
-    dataset = dataset.map_batches(
-        _InferActor,
-        fn_constructor_kwargs={"runtime_options": runtime_options, "spec": spec, "features_dir": str(features_dir)},
-        batch_size=chunk_size,
-        compute=ray.data.ActorPoolStrategy(size=size),
-        num_cpus=ACTOR_CPUS,
-    )
-    rows: list[dict[str, Any]] = []
-    vectors: list[np.ndarray] = []
-    start, part_index = done, first_part
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        rows.extend(json.loads(text) for text in batch["row"])
-        if "embedding" in batch:
-            vectors.extend(batch["embedding"])
-        events.advance(len(batch["row"]))
-        while len(rows) >= chunk_size or (rows and start + len(rows) == len(inputs)):
-            take = min(chunk_size, len(rows))
-            embeddings = np.stack(vectors[:take]).astype(np.float32) if vectors else None
-            yield Part(part_index, start, start + take, rows[:take]), embeddings
-            rows, vectors = rows[take:], vectors[take:]
-            start, part_index = start + take, part_index + 1
+class RayEngine:
+    """A Ray Data pipeline on the cluster at ``address`` (None: a local Ray, or the one already initialised), with
+    ``actors`` Runtime actors (None: one per CPU Ray has)."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, actors: int | None = None) -> None:
+        self.address = address
+        self.actors = actors
+
+    def worker_config(self, config: RuntimeConfig) -> RuntimeConfig:
+        """The job's configuration, with one intra-op thread per actor unless threads were given: the pool is the
+        parallelism. The decode tasks preprocess in Python, so the image-input graphs (``preprocess="graph"``)
+        are for the local engine."""
+        if config.preprocess != "python":
+            raise ValueError("the Ray engine preprocesses in its decode tasks: use preprocess='python' with it")
+        return config if config.threads is not None else config.replace(threads=1)
+
+    def compute(
+        self, runtime: Runtime, plan: JobPlan, start: int, first_part: int, events: JobEvents
+    ) -> Iterator[ComputedPart]:
+        inputs, chunk_size = plan.inputs, plan.chunk_size
+        if start >= len(inputs):
+            return
+        ray = _ensure_ray(self.address)
+        size = int(self.actors or max(1, int(ray.available_resources().get("CPU", 1))))
+        dataset = ray.data.from_items([{"index": i, "path": inputs[i]} for i in range(start, len(inputs))])
+        # Different CPU shares keep Ray from fusing the decode tasks into the actors: decoding stays in tasks that
+        # any free CPU can run, while each actor holds its Runtime (and a session) for the whole job.
+        dataset = dataset.map_batches(
+            _decode_batch, fn_kwargs={"preprocessor": runtime.spec}, batch_size=chunk_size, num_cpus=DECODE_CPUS
+        )
+        constructor = {
+            "model_dir": str(runtime.model_dir.resolve()),
+            "config": self.worker_config(runtime.config),
+            "spec": plan.spec,
+            "features_dir": str(plan.features_dir),
+        }
+        with warnings.catch_warnings():  # max_restarts has no named parameter; Ray's own notes recommend it so
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dataset = dataset.map_batches(
+                _InferActor,
+                fn_constructor_kwargs=constructor,
+                batch_size=chunk_size,
+                compute=ray.data.ActorPoolStrategy(size=size),
+                num_cpus=ACTOR_CPUS,
+                max_restarts=0,  # a failed actor fails the job (resume continues it), never replays a part silently
+            )
+        rows: list[dict[str, Any]] = []
+        vectors: list[np.ndarray] = []
+        done, part_index = start, first_part
+        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            batch_rows, batch_vectors = rows_from_arrow(table)
+            rows.extend(batch_rows)
+            if batch_vectors is not None:
+                vectors.extend(batch_vectors)
+            events.advance(len(batch_rows))
+            while len(rows) >= chunk_size or (rows and done + len(rows) == len(inputs)):
+                take = min(chunk_size, len(rows))
+                embeddings = np.stack(vectors[:take]).astype(np.float32) if vectors else None
+                yield Part(part_index, done, done + take, rows[:take]), embeddings
+                rows, vectors = rows[take:], vectors[take:]
+                done, part_index = done + take, part_index + 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from pvt_deploy.jobs.store import Part
@@ -19,14 +19,27 @@ def iter_parts(
         yield part
 
 
-def prediction_record(row: dict[str, Any], random_weights: bool = False) -> dict[str, Any]:
-    """``{"image", "predictions": [{"label", "probability"}]}`` or ``{"image", "error"}``, marked when untrained."""
+def label_indexes(labels: Sequence[str]) -> dict[str, int]:
+    """Label -> class index, for ``prediction_record``."""
+    return {label: index for index, label in enumerate(labels)}
+
+
+def prediction_record(
+    row: dict[str, Any], random_weights: bool = False, *, label_index: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """``{"image", "predictions": [{"label", "index", "probability"}]}`` (the HTTP API's prediction shape; ``index``
+    needs ``label_index``) or ``{"image", "error"}``, marked when untrained."""
     record: dict[str, Any] = {"image": row["path"]}
     if row["status"] != "ok":
         record["error"] = row["error"]
     else:
         pairs = zip(row["labels"], row["probabilities"], strict=True)
-        record["predictions"] = [{"label": label, "probability": p} for label, p in pairs]
+        if label_index is None:
+            record["predictions"] = [{"label": label, "probability": p} for label, p in pairs]
+        else:
+            record["predictions"] = [
+                {"label": label, "index": label_index[label], "probability": p} for label, p in pairs
+            ]
     if random_weights:
         record["random_weights"] = True
     return record

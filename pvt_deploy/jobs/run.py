@@ -1,30 +1,37 @@
-"""``run_job``: a whole bulk job (plan, lock, resume, chunks, final output) on the local or the Ray engine.
+"""``run_job``: a whole bulk job (plan, lock, resume, chunks, final output) on any ``JobEngine``.
 
 The CLI only parses options and prints; Python callers get the same behaviour::
 
     from pvt_deploy import Runtime
-    from pvt_deploy.jobs import JobSpec, collect_inputs, run_job
+    from pvt_deploy.jobs import JobPlan, JobSpec, RayEngine, collect_inputs, run_job
 
-    run_job(Runtime("exported/birds"), JobSpec("embed"), collect_inputs(["photos/"]), Path("emb.parquet"))
+    plan = JobPlan(JobSpec("embed"), collect_inputs(["photos/"]), Path("emb.parquet"))
+    run_job(Runtime("exported/birds", batch_size=8), plan)                  # this process
+    run_job(Runtime("exported/birds", batch_size=8), plan, RayEngine())     # a Ray Data pipeline
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+import dataclasses
 from typing import Any
-
-import numpy as np
 
 from pvt_deploy import __version__
 from pvt_deploy.errors import OutputError, PvtDeployError
-from pvt_deploy.jobs.store import JobStore, Part, inputs_digest, output_format, read_run_info
-from pvt_deploy.jobs.tasks import JobSpec, compute_part, model_identity
+from pvt_deploy.jobs.engine import JobEngine, JobEvents, JobPlan, JobResult, LocalEngine
+from pvt_deploy.jobs.ray_engine import RayEngine
+from pvt_deploy.jobs.store import (
+    JobStore,
+    Part,
+    check_work_folder,
+    input_fingerprint,
+    inputs_digest,
+    output_format,
+    read_run_info,
+)
+from pvt_deploy.jobs.tasks import JobSpec, model_identity
 from pvt_deploy.runtime import Runtime
 from pvt_deploy.staging import OutputLock, clean_stale_staging, describe_removed
 
-DEFAULT_CHUNK_SIZE = 64
 ENGINES = ("local", "ray")
 _RESUME_KEYS = ("task", "options", "model", "format", "exif_transpose", "inputs", "inputs_sha256")
 
@@ -35,58 +42,39 @@ class JobInterrupted(PvtDeployError):
     exit_code = 130
 
 
-@dataclass
-class JobEvents:
-    """Hooks for whoever shows progress: ``start(total, done)`` once, ``advance(n)`` per image, ``part(part)`` per
-    finished chunk (its failed rows are in ``part.failed``), ``note(text)`` for one-line notices."""
-
-    start: Callable[[int, int], None] = lambda total, done: None
-    advance: Callable[[int], None] = lambda n: None
-    part: Callable[[Part], None] = lambda part: None
-    note: Callable[[str], None] = lambda text: None
-
-
-@dataclass
-class JobResult:
-    out: Path
-    rows: int
-    failed: list[dict[str, Any]] = field(default_factory=list)
-    already_complete: bool = False
+def engine_named(name: str, address: str | None = None, actors: int | None = None) -> JobEngine:
+    """``local`` or ``ray`` (on ``address``, with ``actors`` Runtime actors)."""
+    if name == "local":
+        return LocalEngine()
+    if name == "ray":
+        return RayEngine(address, actors)
+    raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")
 
 
 def run_job(
-    runtime: Runtime,
-    spec: JobSpec,
-    inputs: Sequence[str],
-    out: Path,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    engine: str = "local",
-    ray_address: str | None = None,
-    ray_actors: int | None = None,
-    events: JobEvents | None = None,
+    runtime: Runtime, plan: JobPlan, engine: JobEngine | None = None, events: JobEvents | None = None
 ) -> JobResult:
-    """Run ``spec`` over ``inputs`` into ``out``; every input becomes one row (failed ones with their error)."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    """Run ``plan`` on ``runtime`` (the local engine unless another is given); every input becomes one row (failed
+    ones with their error)."""
+    engine = engine or LocalEngine()
     events = events or JobEvents()
-    out = Path(out)
-    inputs = list(inputs)
+    out, spec, inputs = plan.out, plan.spec, list(plan.inputs)
     fmt = output_format(out, spec.task)
+    if fmt == "parquet":  # the [bulk] extra: missing, it is one line before any work, not after all of it
+        import pyarrow.parquet  # noqa: F401
     if not out.parent.is_dir():
         raise OutputError(f"{out.parent}: no such folder")
-    plan = {
+    identity = {
         "task": spec.task,
         "options": spec.to_json(),
         "model": model_identity(runtime, spec),
         "random_weights": runtime.manifest.random_weights,
-        "exif_transpose": runtime.exif_transpose,
+        "exif_transpose": runtime.config.exif_transpose,
         "format": fmt,
         "inputs": len(inputs),
         "inputs_sha256": inputs_digest(inputs),
-        "chunk_size": int(chunk_size),
+        "chunk_size": plan.chunk_size,
+        "runtime": engine.worker_config(runtime.config).to_json(),
     }
     with OutputLock(out):
         removed = clean_stale_staging(out.parent, out.name)
@@ -94,20 +82,18 @@ def run_job(
             events.note(describe_removed(removed))
         if out.exists() or out.is_symlink():
             finished = read_run_info(out)
-            if resume and finished is not None and _same_job(finished, plan):
+            if plan.resume and finished is not None and _same_job(finished, identity):
                 return JobResult(out, int(finished.get("rows", 0)), [], already_complete=True)
-            if not overwrite:
+            if not plan.overwrite:
                 raise OutputError(f"{out} already exists; pass --overwrite to replace it")
         store = JobStore(out)
-        parts = _resume_or_start(store, plan, inputs, resume, overwrite, events)
-        chunk_size = int(store.plan()["chunk_size"])
+        parts = _resume_or_start(store, identity, plan, events)
+        plan = dataclasses.replace(plan, chunk_size=int(store.plan()["chunk_size"]))  # a resume keeps its parts' size
+        identity["chunk_size"] = plan.chunk_size
         done = parts[-1].stop if parts else 0
         events.start(len(inputs), done)
-        embedding_dim: int | None = None
         try:
-            for part, embeddings in _compute(
-                runtime, spec, inputs, done, len(parts), chunk_size, store, engine, ray_address, ray_actors, events
-            ):
+            for part, embeddings in engine.compute(runtime, plan, done, len(parts), events):
                 store.write_part(part, embeddings)
                 parts.append(part)
                 events.part(part)
@@ -117,12 +103,16 @@ def run_job(
                 f"interrupted after {saved} of {len(inputs)} inputs; the finished rows are kept in {store.work}. "
                 "Run the same command with --resume to continue"
             ) from None
-        if spec.task == "embed":
-            embedding_dim = _embedding_dim(runtime, spec, store, parts)
+        except OSError as exc:  # a full disk while saving a part: what is saved stays, --resume continues
+            raise OutputError(
+                f"cannot save the rows of {out} ({exc.strerror or exc}); the finished rows are kept in "
+                f"{store.work}: make room and run the same command with --resume"
+            ) from None
+        embedding_dim = _embedding_dim(runtime, spec, store, parts) if spec.task == "embed" else None
         failed = [row for part in parts for row in part.failed]
         run_info = {
-            **plan,
-            "engine": engine,
+            **identity,
+            "engine": engine.name,
             "pvt_deploy_version": __version__,
             "rows": len(inputs),
             "failed": len(failed),
@@ -133,56 +123,90 @@ def run_job(
     return JobResult(out, len(inputs), failed)
 
 
-def _same_job(finished: dict[str, Any], plan: dict[str, Any]) -> bool:
-    return finished.get("complete") is True and all(finished.get(key) == plan[key] for key in _RESUME_KEYS)
+def _same_job(finished: dict[str, Any], identity: dict[str, Any]) -> bool:
+    return finished.get("complete") is True and all(finished.get(key) == identity[key] for key in _RESUME_KEYS)
 
 
-def _resume_or_start(
-    store: JobStore, plan: dict[str, Any], inputs: list[str], resume: bool, overwrite: bool, events: JobEvents
-) -> list[Part]:
-    if store.work.exists() and not (resume or overwrite):
+_OPTION_NAMES = {
+    "options.top_k": "--top-k",
+    "options.normalize": "--normalize",
+    "model.precision": "--precision",
+    "model.model_dir": "MODEL_DIR",
+    "exif_transpose": "--exif-transpose",
+    "format": "--out's format",
+}
+"""Differences a user fixes with an option, named as the option."""
+
+
+def _differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``name: X then, Y now`` for each resume key that differs (nested dicts compared key by key)."""
+    found: list[str] = []
+    if previous.get("inputs") != current["inputs"] or previous.get("inputs_sha256") != current["inputs_sha256"]:
+        found.append(f"inputs: {previous.get('inputs')} paths then, {current['inputs']} now (or other paths)")
+    for key in _RESUME_KEYS:
+        if key in ("inputs", "inputs_sha256"):
+            continue
+        then, now = previous.get(key), current[key]
+        if then == now:
+            continue
+        if isinstance(then, dict) and isinstance(now, dict):
+            for sub in sorted(set(then) | set(now)):
+                if sub == "graph_sha256" and then.get("graph") != now.get("graph"):
+                    continue  # another graph has another digest: the graph says it
+                if then.get(sub) != now.get(sub):
+                    name = _OPTION_NAMES.get(f"{key}.{sub}", f"{key}.{sub}")
+                    found.append(f"{name}: {then.get(sub)!r} then, {now.get(sub)!r} now")
+        else:
+            found.append(f"{_OPTION_NAMES.get(key, key)}: {then!r} then, {now!r} now")
+    return found
+
+
+def _resume_or_start(store: JobStore, identity: dict[str, Any], plan: JobPlan, events: JobEvents) -> list[Part]:
+    """The parts an earlier run finished that this one keeps (``--resume``), or none on a fresh start.
+
+    ``--resume --overwrite``: continue the earlier run when it is the same job, else start over."""
+    if not plan.overwrite:
+        check_work_folder(store.work)
+    if store.work.exists() and not (plan.resume or plan.overwrite):
         raise OutputError(f"an interrupted run is in {store.work}; pass --resume to continue it, or --overwrite")
-    if resume and store.has_plan():
+    usable = store.work.is_dir() and not store.work.is_symlink()
+    if plan.resume and usable and store.has_plan():
         previous = store.plan()
-        changed = [key for key in _RESUME_KEYS if previous.get(key) != plan[key]]
-        if changed:
+        changed = [key for key in _RESUME_KEYS if previous.get(key) != identity[key]]
+        if changed and not plan.overwrite:
+            details = "; ".join(_differences(previous, identity))
             raise OutputError(
-                f"{store.work} holds a run with other {', '.join(changed)}; run it as it was, or pass --overwrite"
+                f"{store.work} holds a run with other {', '.join(changed)} ({details}); "
+                "run it as it was, or pass --overwrite"
             )
-        parts = store.completed_parts()
-        events.note(f"Resuming: {parts[-1].stop if parts else 0} of {len(inputs)} inputs already done")
-        for part in parts:  # the final report stays complete: earlier failures are reported again
-            events.part(part)
-        return parts
-    if resume:
+        if not changed:
+            return _kept_parts(store, len(plan.inputs), events)
+        events.note(f"{store.work} holds another job's run ({', '.join(changed)}); --overwrite: starting over")
+    elif plan.resume:
         events.note(f"Nothing to resume in {store.work}; starting a new run")
-    store.start(plan, inputs)
+    store.start(identity, list(plan.inputs))
     return []
 
 
-def _compute(
-    runtime: Runtime,
-    spec: JobSpec,
-    inputs: list[str],
-    done: int,
-    first_part: int,
-    chunk_size: int,
-    store: JobStore,
-    engine: str,
-    ray_address: str | None,
-    ray_actors: int | None,
-    events: JobEvents,
-) -> Iterator[tuple[Part, np.ndarray | None]]:
-    if engine == "ray":
-        from pvt_deploy.jobs.ray_engine import compute_on_ray
-
-        yield from compute_on_ray(
-            runtime, spec, inputs, done, first_part, chunk_size, store.features_dir, ray_address, ray_actors, events
-        )
-        return
-    for offset, start in enumerate(range(done, len(inputs), chunk_size)):
-        chunk = inputs[start : start + chunk_size]
-        yield compute_part(runtime, spec, chunk, start, first_part + offset, store.features_dir, events.advance)
+def _kept_parts(store: JobStore, total: int, events: JobEvents) -> list[Part]:
+    """The finished parts, up to the first whose input files changed (size or mtime) since they were computed."""
+    parts = store.completed_parts()
+    for position, part in enumerate(parts):
+        recorded = store.fingerprints(part)
+        current = [input_fingerprint(row["path"]) for row in part.rows]
+        if recorded != current:
+            changed = next(
+                (row["path"] for row, a, b in zip(part.rows, recorded or [], current, strict=False) if a != b),
+                part.rows[0]["path"] if part.rows else "?",
+            )
+            events.note(f"Resuming: {changed} changed since its row was computed; recomputing from input {part.start}")
+            store.drop_parts(part.index)
+            parts = parts[:position]
+            break
+    events.note(f"Resuming: {parts[-1].stop if parts else 0} of {total} inputs already done")
+    for part in parts:  # the final report stays complete: earlier failures are reported again
+        events.part(part)
+    return parts
 
 
 def _embedding_dim(runtime: Runtime, spec: JobSpec, store: JobStore, parts: list[Part]) -> int:
@@ -196,3 +220,6 @@ def _embedding_dim(runtime: Runtime, spec: JobSpec, store: JobStore, parts: list
         if embeddings is not None:
             return int(embeddings.shape[1])
     return 0
+
+
+__all__ = ["ENGINES", "JobInterrupted", "RayEngine", "engine_named", "run_job"]

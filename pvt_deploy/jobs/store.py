@@ -7,6 +7,8 @@ While a job runs, everything lives in ``<out>.partial/``::
     part-000000.json    the rows of inputs [start, stop): index, path, status, error, labels, probabilities, file
     part-000000.npy     their embeddings (one row each, NaN for failed inputs), embed jobs only; written BEFORE
                         the .json, so a part counts as done only when its .json exists (every file tmp -> rename)
+                        the .json also holds each input's size and mtime when its row was written, so a resume
+                        recomputes the parts whose files changed since
     features/           feature-map .npz files (features jobs), one per successful input
 
 A SIGKILL at any moment leaves whole parts plus ``*.tmp`` files, which resume ignores and removes. ``finalize``
@@ -57,7 +59,9 @@ def output_format(out: Path, task: str) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and a rename: a reader sees all of it or nothing."""
+    """Write ``data`` to ``path`` through a temp file and a rename: a reader sees all of it or nothing.
+
+    The jobs' one atomic-write helper, kept until the shared file-safety module replaces it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
@@ -92,6 +96,31 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def features_dir(out: Path) -> Path:
+    """Where a features job's per-image ``.npz`` files go while it runs."""
+    return partial_dir(out) / FEATURES_DIR
+
+
+Fingerprint = list[int] | None
+"""An input file's ``[size, mtime_ns]`` (None: it could not be read), to notice a file changed since its row."""
+
+
+def input_fingerprint(path: str) -> Fingerprint:
+    try:
+        stat = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def check_work_folder(work: Path) -> None:
+    """Refuse an ``OUT.partial`` that is not a plain folder (a file, or a symlink that is never followed)."""
+    if work.is_symlink():
+        raise OutputError(f"{work} is a symbolic link, not a run folder; remove it (it is never followed)")
+    if work.exists() and not work.is_dir():
+        raise OutputError(f"{work} is a file, not a run folder; remove it or pass --overwrite")
+
+
 class JobStore:
     """The ``<out>.partial`` folder of one job."""
 
@@ -101,13 +130,14 @@ class JobStore:
 
     @property
     def features_dir(self) -> Path:
-        return self.work / FEATURES_DIR
+        return features_dir(self.out)
 
     # --- plan -----------------------------------------------------------------------------------------------------
 
     def start(self, plan: dict[str, Any], inputs: list[str]) -> None:
-        if self.work.exists():
-            shutil.rmtree(self.work)
+        """A new run: whatever is at ``OUT.partial`` (a folder, a file, or a link, which is removed, not followed)
+        is replaced."""
+        _remove(self.work)
         self.work.mkdir(parents=True)
         atomic_write_bytes(
             self.work / INPUTS_NAME, "".join(p + "\n" for p in inputs).encode("utf-8", "surrogateescape")
@@ -115,6 +145,7 @@ class JobStore:
         atomic_write_json(self.work / PLAN_NAME, plan)
 
     def has_plan(self) -> bool:
+        check_work_folder(self.work)
         return (self.work / PLAN_NAME).is_file()
 
     def plan(self) -> dict[str, Any]:
@@ -152,6 +183,22 @@ class JobStore:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def fingerprints(self, part: Part) -> list[Fingerprint] | None:
+        """The inputs' fingerprints recorded with ``part`` (None when it has none)."""
+        try:
+            meta = json.loads(self._part_path(part.index, ".json").read_text(encoding="utf-8"))
+            found = meta["fingerprints"]
+            return found if isinstance(found, list) and len(found) == len(part.rows) else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def drop_parts(self, first: int) -> None:
+        """Forget parts ``first`` onward (their inputs changed): they are computed again."""
+        for leftover in self.work.iterdir():
+            index = _part_index(leftover.name)
+            if index is not None and index >= first:
+                leftover.unlink(missing_ok=True)
+
     def write_part(self, part: Part, embeddings: np.ndarray | None) -> None:
         if embeddings is not None:
             if embeddings.shape[0] != len(part.rows):
@@ -159,7 +206,8 @@ class JobStore:
             buffer = io.BytesIO()
             np.save(buffer, np.ascontiguousarray(embeddings, np.float32), allow_pickle=False)
             atomic_write_bytes(self._part_path(part.index, ".npy"), buffer.getvalue())
-        meta = {"start": part.start, "stop": part.stop, "rows": part.rows}
+        fingerprints = [input_fingerprint(row["path"]) for row in part.rows]
+        meta = {"start": part.start, "stop": part.stop, "rows": part.rows, "fingerprints": fingerprints}
         atomic_write_json(self._part_path(part.index, ".json"), meta)
 
     def embeddings(self, part: Part) -> np.ndarray | None:
@@ -181,7 +229,14 @@ class JobStore:
             "npy": self._write_npy_folder,
             "npz": self._write_npz_folder,
         }[fmt]
-        writer(staging, parts, run_info, dim)
+        try:
+            writer(staging, parts, run_info, dim)
+        except OSError as exc:  # a full disk, a file-size limit: the parts stay, so --resume writes it again
+            _remove(staging)
+            raise OutputError(
+                f"cannot write {self.out} ({exc.strerror or exc}); every finished row is kept in {self.work}: "
+                "make room and run the same command with --resume"
+            ) from None
         old = None
         if self.out.exists() or self.out.is_symlink():
             old = staging_path(self.out, "old")
@@ -264,7 +319,8 @@ def run_info_path(out: Path) -> Path:
 
 
 def read_run_info(out: Path) -> dict[str, Any] | None:
-    """The run metadata of a finished output, or None when ``out`` is not one this tool finished."""
+    """The run metadata of a finished output (task, options, model, runtime configuration, engine, counts), or
+    None when ``out`` is not one this tool finished."""
     try:
         if out.suffix.lower() == ".parquet" and out.is_file():
             from pvt_deploy.jobs.arrow import read_parquet_run_info

@@ -12,6 +12,7 @@ from typing import Any
 
 from pvt_deploy.errors import ModelDirError
 from pvt_deploy.manifest import GraphEntry, Manifest, TensorSpec, file_problems, load_manifest
+from pvt_deploy.runtime.graph_preprocess import image_graph_entries
 
 
 def graph_problems(manifest: Manifest) -> dict[str, str]:
@@ -65,6 +66,11 @@ def folder_summary(model_dir: str | os.PathLike[str], *, check_graphs: bool = Tr
         "graphs": {
             graph: {precision: _entry_json(entry) for precision, entry in variants.items()}
             for graph, variants in manifest.graphs.items()
+        },
+        "image_graphs": {
+            graph: {key: entry.get(key) for key in ("file", "inputs", "outputs")}
+            for graph, entry in image_graph_entries(manifest).items()
+            if isinstance(entry, dict)
         },
         "files": len(manifest.files),
         "checksums_ok": not problems,

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from pvt_deploy.errors import OutputError, SearchIndexError
-from pvt_deploy.jobs.store import read_run_info
+from pvt_deploy.jobs import read_run_info
+from pvt_deploy.runtime.operations import l2_normalize
 
 os.environ.setdefault("LANCE_LOG", "error")  # lance's Rust notices ("dataset will be created") are not for users
 
@@ -71,11 +72,6 @@ def load_embeddings(source: Path) -> tuple[list[str], np.ndarray, dict[str, Any]
     return paths, np.ascontiguousarray(vectors, np.float32), info
 
 
-def normalize(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.where(norms > 0, norms, 1)).astype(np.float32)
-
-
 class EmbeddingIndex:
     """An opened search store: ``EmbeddingIndex.build(embeddings, db)`` once, then ``EmbeddingIndex(db)``."""
 
@@ -110,7 +106,7 @@ class EmbeddingIndex:
         if db.exists() and not overwrite:
             raise OutputError(f"{db} already exists; pass --overwrite to replace it")
         paths, vectors, run = load_embeddings(source)
-        vectors = normalize(vectors)
+        vectors = l2_normalize(vectors)
         staging = db.with_name(f".{db.name}.building")
         shutil.rmtree(staging, ignore_errors=True)
         dim = vectors.shape[1]
@@ -137,7 +133,7 @@ class EmbeddingIndex:
         With an index: ``nprobes`` IVF partitions are scanned and ``refine_factor * k`` candidates re-ranked by
         their exact vectors (defaults: NPROBES, REFINE_FACTOR; benchmarks/search_bench.py sweeps them)."""
         results = []
-        for vector in normalize(np.atleast_2d(np.asarray(vectors, np.float32))):
+        for vector in l2_normalize(np.atleast_2d(np.asarray(vectors, np.float32))):
             query = self.table.search(vector).distance_type("cosine").limit(k)
             if self.info.get("ann"):
                 query = query.nprobes(nprobes or NPROBES).refine_factor(refine_factor or REFINE_FACTOR)
