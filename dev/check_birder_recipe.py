@@ -12,13 +12,15 @@ in ``$PVT_DEPLOY_PYTHON`` (default ``.venv/bin/python``)::
     PVT_DEPLOY_PYTHON=.venv/bin/python /work/birder-venv/bin/python dev/check_birder_recipe.py
 
 1. Our venv trains ``pvt_v2_tiny`` for 3 steps (2 per epoch) with ``--recipe birder``, and once more with our
-   default recipe, on the synthetic images of ``tests/test_train_data.make_image_folder``.
+   default recipe, on the synthetic images of ``tests/test_train_data.make_image_folder``; then fine-tunes each
+   run's backbone for 3 steps with the same recipe.
 2. birder, under its own file names, loads the whole MMCR net with ``fs_ops.load_simple_checkpoint`` (as
    ``train_mmcr.py --resume-epoch 3`` does) and builds its optimizer and scheduler exactly as ``train_mmcr.train``
    does, from ``train_mmcr``'s own argument defaults (``--load-states``): ``optimizer_parameter_groups``,
    ``get_optimizer``, ``get_scheduler``; then ``optimizer.load_state_dict`` / ``scheduler.load_state_dict`` on our
    states, and one more SGD step with birder's loss. Our default recipe's states are loaded the same way and
-   birder's refusal is recorded.
+   birder's refusal is recorded. The fine-tunes go through ``train.py``'s path the same way
+   (``fs_ops.load_checkpoint`` with tag "finetune", its optimizer and scheduler, one cross-entropy step).
 3. birder's augmentation facts: ``BirderAugment``'s op list at every level (canonicalised to the dicts of
    ``pvt_deploy.train.birder_augment.birder_ops``), the crop, flip and erasing settings, the two scripts'
    optimizer / schedule / augmentation defaults, and torchvision's output for each op on a fixed image.
@@ -51,17 +53,25 @@ COMMAND = [
     "--workers", "0", "--threads", "1", "--no-progress", "--out", "$OUT",
 ]  # fmt: skip
 """The run whose states birder loads: 8 images, batch 4, so 2 steps per epoch and the schedule steps once."""
+FINETUNE_COMMAND = [
+    "train", "finetune", "$DATA", "--init", f"$MMCR/pvt_v2_tiny_mmcr_{EPOCH}.pt", "--steps", str(EPOCH),
+    "--batch-size", "4", "--workers", "0", "--threads", "1", "--no-progress", "--out", "$OUT",
+]  # fmt: skip
+"""A fine-tune of that run's backbone, with the same recipe; birder's ``train.py --resume-epoch`` loads it."""
 IMAGES_PER_CLASS = 4
 
 OUR_RUN = """
-import subprocess, sys
+import json, subprocess, sys
 from pathlib import Path
 from tests.test_train_data import make_image_folder
-root, per_class, command = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+root, per_class, commands = Path(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
 make_image_folder(root / "data", per_class=per_class)
 for recipe in ("birder", "pvt-deploy"):
-    args = [a.replace("$DATA", str(root / "data")).replace("$OUT", str(root / recipe)) for a in command]
-    subprocess.run([sys.executable, "-m", "pvt_deploy", *args, "--recipe", recipe], check=True)
+    for kind, command in commands.items():
+        out, mmcr = root / f"{recipe}-{kind}", root / f"{recipe}-mmcr"
+        args = [a.replace("$DATA", str(root / "data")).replace("$OUT", str(out)).replace("$MMCR", str(mmcr))
+                for a in command]
+        subprocess.run([sys.executable, "-m", "pvt_deploy", *args, "--recipe", recipe], check=True)
 """
 
 
@@ -101,38 +111,42 @@ def birder_optimizer(net: Any, args: Any) -> tuple[Any, Any]:
     return optimizer, scheduler
 
 
-def load_into_birder(run: Path, models: Path) -> dict[str, Any]:
-    """birder's ``--resume-epoch EPOCH --load-states`` path on the files of one of our runs."""
+def load_into_birder(run: Path, models: Path, kind: str) -> dict[str, Any]:
+    """birder's ``--resume-epoch EPOCH --load-states`` path on the files of one of our runs: ``train_mmcr.py``'s
+    for an MMCR run, ``train.py``'s for a fine-tune."""
     import torch
     from birder.common import fs_ops
     from birder.conf import settings
     from birder.model_registry import registry
     from birder.net.ssl.mmcr import MMCR, MMCRMomentumLoss
-    from birder.scripts import train_mmcr
+    from birder.scripts import train, train_mmcr
 
+    ours, theirs = (
+        ("mmcr_pvt_v2_tiny", "mmcr_pvt_v2_b0") if kind == "mmcr" else ("pvt_v2_tiny_finetune", "pvt_v2_b0_finetune")
+    )
     if models.exists():
         shutil.rmtree(models)
     models.mkdir()
     for suffix in ("", "_states"):
-        shutil.copyfile(run / f"mmcr_pvt_v2_tiny_{EPOCH}{suffix}.pt", models / f"mmcr_pvt_v2_b0_{EPOCH}{suffix}.pt")
+        shutil.copyfile(run / f"{ours}_{EPOCH}{suffix}.pt", models / f"{theirs}_{EPOCH}{suffix}.pt")
     settings.MODELS_DIR = models
-    config = torch.load(run / f"pvt_v2_tiny_mmcr_{EPOCH}.pt", weights_only=True)["config"]
-    args = train_mmcr.args_from_dict(
-        network="pvt_v2_b0",
-        model_config=config,
-        data_path=[str(run)],
-        size="32",
-        projector_dims=PROJECTOR_DIMS,
-        resume_epoch=EPOCH,
-        load_states=True,
-        epochs=10,
-    )
+    config = torch.load(models / f"{theirs}_{EPOCH}.pt", weights_only=True)["config"]
     device = torch.device("cpu")
-    backbone = registry.net_factory("pvt_v2_b0", 0, 3, config=args.model_config, size=args.size)
-    net = MMCR(backbone, config={"projector_dims": args.projector_dims})
-    net, training_states = fs_ops.load_simple_checkpoint(device, net, "mmcr_pvt_v2_b0", epoch=EPOCH, strict=True)
-    for parameter in net.momentum_encoder.parameters():
-        parameter.requires_grad_(False)
+    common = {"network": "pvt_v2_b0", "model_config": config, "size": "32", "resume_epoch": EPOCH, "epochs": 10}
+    if kind == "mmcr":
+        args = train_mmcr.args_from_dict(
+            **common, data_path=[str(run)], projector_dims=PROJECTOR_DIMS, load_states=True
+        )
+        backbone = registry.net_factory("pvt_v2_b0", 0, 3, config=args.model_config, size=args.size)
+        net = MMCR(backbone, config={"projector_dims": args.projector_dims})
+        net, training_states = fs_ops.load_simple_checkpoint(device, net, theirs, epoch=EPOCH, strict=True)
+        for parameter in net.momentum_encoder.parameters():
+            parameter.requires_grad_(False)
+    else:
+        args = train.args_from_dict(**common, tag="finetune", data_path=str(run), val_path=str(run), load_states=True)
+        net, _, _, training_states = fs_ops.load_checkpoint(
+            device, "pvt_v2_b0", config=args.model_config, tag="finetune", epoch=EPOCH
+        )
     optimizer, scheduler = birder_optimizer(net, args)
     record: dict[str, Any] = {
         "birder_param_shapes": [list(p.shape) for group in optimizer.param_groups for p in group["params"]],
@@ -152,9 +166,13 @@ def load_into_birder(run: Path, models: Path) -> dict[str, Any]:
         return record
     # one more training step exactly as birder's loop takes it, on the loaded states
     net.train()
-    views = torch.randn(4, 2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    z, z_m = net(views)
-    loss = MMCRMomentumLoss(args.lambda_coeff, n_aug=args.n_aug)(z, z_m)
+    if kind == "mmcr":
+        views = torch.randn(4, 2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        z, z_m = net(views)
+        loss = MMCRMomentumLoss(args.lambda_coeff, n_aug=args.n_aug)(z, z_m)
+    else:
+        images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        loss = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing_alpha)(net(images), torch.tensor([0, 1, 0, 1]))
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
@@ -167,7 +185,7 @@ def load_into_birder(run: Path, models: Path) -> dict[str, Any]:
         {
             "loaded": True,
             "stepped_after_load": bool(torch.isfinite(loss)),
-            "states_file_keys": sorted(torch.load(models / f"mmcr_pvt_v2_b0_{EPOCH}_states.pt", weights_only=True)),
+            "states_file_keys": sorted(torch.load(models / f"{theirs}_{EPOCH}_states.pt", weights_only=True)),
             "extra_states": sorted(training_states.extra_states or {}),
             "optimizer_class": type(optimizer).__name__,
             "param_groups": groups,
@@ -315,22 +333,35 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        commands = json.dumps({"mmcr": COMMAND, "finetune": FINETUNE_COMMAND})
         subprocess.run(
-            [str(OUR_PYTHON), "-c", OUR_RUN, str(root), str(IMAGES_PER_CLASS), *COMMAND], check=True, cwd=REPO
+            [str(OUR_PYTHON), "-c", OUR_RUN, str(root), str(IMAGES_PER_CLASS), commands], check=True, cwd=REPO
         )
-        ours_birder = load_into_birder(root / "birder", root / "models")
-        ours_default = load_into_birder(root / "pvt-deploy", root / "models")
-    if "refused" in ours_birder:
-        sys.exit(f"birder refused the --recipe birder states: {ours_birder['refused']}")
+        ours_birder = load_into_birder(root / "birder-mmcr", root / "models", "mmcr")
+        ours_default = load_into_birder(root / "pvt-deploy-mmcr", root / "models", "mmcr")
+        finetune_birder = load_into_birder(root / "birder-finetune", root / "models", "finetune")
+        finetune_default = load_into_birder(root / "pvt-deploy-finetune", root / "models", "finetune")
+    for name, result in (("train mmcr", ours_birder), ("train finetune", finetune_birder)):
+        if "refused" in result:
+            sys.exit(f"birder refused the {name} --recipe birder states: {result['refused']}")
     record = {
         "birder_version": birder.__version__,
-        "made_by": {"command": ["pvt-deploy", *COMMAND], "recipes": ["birder", "pvt-deploy"]},
+        "made_by": {
+            "command": ["pvt-deploy", *COMMAND],
+            "finetune_command": ["pvt-deploy", *FINETUNE_COMMAND],
+            "recipes": ["birder", "pvt-deploy"],
+        },
         "images_per_class": IMAGES_PER_CLASS,
         "epoch": EPOCH,
         "recipe_birder_states_in_birder": ours_birder,
         "recipe_default_states_in_birder": {
             "refused": ours_default.get("refused"),
             "birder_group_sizes": ours_default["birder_group_sizes"],
+        },
+        "finetune_recipe_birder_states_in_birder": finetune_birder,
+        "finetune_recipe_default_states_in_birder": {
+            "refused": finetune_default.get("refused"),
+            "birder_group_sizes": finetune_default["birder_group_sizes"],
         },
         "augmentation": augmentation_facts(),
         "script_defaults": script_defaults(),
@@ -339,6 +370,8 @@ def main() -> None:
     RESULT.write_text(json.dumps(record, indent=1) + "\n")
     summary = {k: ours_birder[k] for k in ("loaded", "stepped_after_load", "param_groups", "scheduler_last_lr")}
     print(json.dumps({**summary, "default_recipe": record["recipe_default_states_in_birder"]["refused"]}))
+    print(json.dumps({k: finetune_birder[k] for k in ("loaded", "stepped_after_load", "birder_group_sizes")}))
+    print(json.dumps({"finetune_default_recipe": finetune_default.get("refused")}))
 
 
 if __name__ == "__main__":

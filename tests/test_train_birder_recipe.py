@@ -58,36 +58,51 @@ def test_birder_loaded_recipe_birder_states_and_refused_ours() -> None:
     assert len(IN_BIRDER["param_groups"]) == 1 and IN_BIRDER["birder_group_sizes"] == [
         IN_BIRDER["param_groups"][0]["params"]
     ]
-    refused = RECORD["recipe_default_states_in_birder"]["refused"]
-    assert "different number of parameter groups" in refused  # our recipe: AdamW's two groups
+    tuned = RECORD["finetune_recipe_birder_states_in_birder"]
+    assert tuned["loaded"] and tuned["stepped_after_load"] and len(tuned["param_groups"]) == 1
+    for kind in ("recipe_default_states_in_birder", "finetune_recipe_default_states_in_birder"):
+        assert "different number of parameter groups" in RECORD[kind]["refused"]  # our recipe: AdamW's two groups
+
+
+def _check_against_birder(states_path: Path, recorded: dict) -> None:
+    """Our saved states against what birder built and loaded: its one group, its parameter order, its scheduler."""
+    states = torch.load(states_path, weights_only=True)
+    assert sorted(states) == recorded["states_file_keys"]
+    optimizer = states["optimizer_state"]
+    (group,) = optimizer["param_groups"]
+    theirs = recorded["param_groups"][0]
+    assert group.keys() == theirs.keys()
+    assert {k: v for k, v in group.items() if k != "params"} == {k: v for k, v in theirs.items() if k != "params"}
+    assert len(group["params"]) == theirs["params"] == recorded["birder_group_sizes"][0]
+    buffers = [optimizer["state"][index]["momentum_buffer"] for index in group["params"]]
+    assert [list(b.shape) for b in buffers] == recorded["birder_param_shapes"]  # birder's parameter order
+    for buffer, facts in zip(buffers, recorded["momentum_buffers"], strict=True):
+        assert float(torch.linalg.vector_norm(buffer.double())) == pytest.approx(facts["norm"], rel=1e-3, abs=1e-7)
+    scheduler = {k: v for k, v in states["scheduler_state"].items() if not k.startswith("_")}
+    assert scheduler == recorded["scheduler_state"]  # ConstantLR stepped once: 3 steps at 2 per epoch
+    assert states["run"]["recipe"] == "birder"
 
 
 @pytest.mark.slow
 def test_recipe_birder_states_match_what_birder_loaded(tmp_path: Path) -> None:
-    """The same tiny run the dev script made: birder's group, its parameter order, its scheduler state."""
+    """The same tiny runs the dev script made (MMCR, then a fine-tune of its backbone), checked without birder."""
     torch.set_num_threads(1)
     data = make_image_folder(tmp_path / "data", per_class=RECORD["images_per_class"])
-    command = [
-        a.replace("$DATA", str(data)).replace("$OUT", str(tmp_path / "run")) for a in RECORD["made_by"]["command"]
-    ]
-    result = CliRunner().invoke(cli, [*command[1:], "--recipe", "birder"])
-    assert result.exit_code == 0, result.output
+    places = {"$DATA": str(data), "$MMCR": str(tmp_path / "mmcr")}
+    for kind, key in (("mmcr", "command"), ("finetune", "finetune_command")):
+        command = RECORD["made_by"][key][1:]
+        for placeholder, value in {**places, "$OUT": str(tmp_path / kind)}.items():
+            command = [part.replace(placeholder, value) for part in command]
+        result = CliRunner().invoke(cli, [*command, "--recipe", "birder"])
+        assert result.exit_code == 0, result.output
     epoch = RECORD["epoch"]
-    states = torch.load(tmp_path / "run" / f"mmcr_pvt_v2_tiny_{epoch}_states.pt", weights_only=True)
-    assert sorted(states) == IN_BIRDER["states_file_keys"]
-    optimizer = states["optimizer_state"]
-    (group,) = optimizer["param_groups"]
-    theirs = IN_BIRDER["param_groups"][0]
-    assert group.keys() == theirs.keys()
-    assert {k: v for k, v in group.items() if k != "params"} == {k: v for k, v in theirs.items() if k != "params"}
-    assert len(group["params"]) == theirs["params"]
-    buffers = [optimizer["state"][index]["momentum_buffer"] for index in group["params"]]
-    assert [list(b.shape) for b in buffers] == IN_BIRDER["birder_param_shapes"]  # birder's parameter order
-    for buffer, recorded in zip(buffers, IN_BIRDER["momentum_buffers"], strict=True):
-        assert float(torch.linalg.vector_norm(buffer.double())) == pytest.approx(recorded["norm"], rel=1e-3, abs=1e-7)
-    scheduler = {k: v for k, v in states["scheduler_state"].items() if not k.startswith("_")}
-    assert scheduler == IN_BIRDER["scheduler_state"]  # ConstantLR stepped once: 3 steps at 2 per epoch
-    assert states["run"]["recipe"] == "birder" and states["run"]["recipe_ddp_gradient"] == "local-slice"
+    _check_against_birder(tmp_path / "mmcr" / f"mmcr_pvt_v2_tiny_{epoch}_states.pt", IN_BIRDER)
+    _check_against_birder(
+        tmp_path / "finetune" / f"pvt_v2_tiny_finetune_{epoch}_states.pt",
+        RECORD["finetune_recipe_birder_states_in_birder"],
+    )
+    run = json.loads((tmp_path / "mmcr" / "run.json").read_text())
+    assert (run["recipe_ddp_gradient"], run["recipe_projector_batch_norm"]) == ("local-slice", "per-rank")
 
 
 def test_recipe_tables_match_birders_script_defaults() -> None:
