@@ -170,9 +170,11 @@ def adjust_hue(image: torch.Tensor, shift: float) -> torch.Tensor:
     return torch.einsum("ij,jhw->ihw", transform.to(image.dtype), image).clamp_(0.0, 1.0)
 
 
-def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur, kernel radius 3 sigma (at least 1), reflect padding."""
-    radius = max(1, math.ceil(3.0 * sigma))
+def gaussian_blur(image: torch.Tensor, sigma: float, radius: int | None = None) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding; kernel radius 3 sigma (at least 1) unless given (birder's
+    recipe gives torchvision's fixed odd kernel size // 2)."""
+    if radius is None:
+        radius = max(1, math.ceil(3.0 * sigma))
     radius = min(radius, min(image.shape[-2:]) - 1)
     if radius < 1:
         return image

@@ -29,6 +29,7 @@ from pvt_deploy.train.augment import (
     adjust_contrast,
     adjust_saturation,
     draw_crop_and_flip,
+    gaussian_blur,
     grayscale,
     resize,
     solarize,
@@ -161,7 +162,7 @@ def apply_op(op: dict[str, Any], image: torch.Tensor, g: torch.Generator) -> tor
     if name == "posterize":
         return posterize(image, op["bits"])
     if name == "gaussian_blur":
-        return gaussian_blur_kernel(image, op["kernel_size"][0], _uniform(g, *op["sigma"]))
+        return gaussian_blur(image, _uniform(g, *op["sigma"]), radius=op["kernel_size"][0] // 2)
     if name == "autocontrast":
         return autocontrast(image)
     if name == "sharpness":
@@ -276,21 +277,6 @@ def adjust_sharpness(image: torch.Tensor, factor: float) -> torch.Tensor:
     degenerate = image.clone()
     degenerate[:, 1:-1, 1:-1] = quantize(smooth)
     return (factor * image + (1.0 - factor) * degenerate).clamp(0.0, 1.0)
-
-
-def gaussian_blur_kernel(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """torchvision's ``GaussianBlur``: a fixed odd kernel size, reflect padding, separable."""
-    radius = kernel_size // 2
-    if radius < 1 or min(image.shape[-2:]) <= radius:
-        return image
-    offsets = torch.linspace(-radius, radius, kernel_size, dtype=image.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    channels = image.shape[0]
-    x = F.pad(image[None], (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
-    return x[0]
 
 
 def random_erase(image: torch.Tensor, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:

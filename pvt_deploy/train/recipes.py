@@ -8,7 +8,7 @@ The birder values are read from birder 0.8.4's ``training_cli`` defaults, ``trai
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 RecipeName = Literal["pvt-deploy", "birder"]
@@ -81,39 +81,13 @@ MMCR_RECIPES: dict[str, Recipe] = {
 }
 
 FINETUNE_RECIPES: dict[str, Recipe] = {
-    "pvt-deploy": Recipe(
-        name="pvt-deploy",
-        optimizer="adamw",
-        momentum=None,
-        param_groups="decay-and-no-decay",
-        schedule="warmup-cosine-per-step",
-        lr=1e-4,
-        weight_decay=0.05,
-        clip_grad_norm=1.0,
-        augment="pvt-deploy",
-        aug_level=3,
-        min_scale=0.5,
-        random_erasing=False,
-        ddp_gradient="exact",
-        projector_batch_norm=None,
+    "pvt-deploy": replace(
+        MMCR_RECIPES["pvt-deploy"], lr=1e-4, weight_decay=0.05, aug_level=3, min_scale=0.5, projector_batch_norm=None
     ),
     # birder/scripts/train.py: the same optimizer and schedule defaults; add_data_aug_args(level 4) with
     # --resize-min-scale and --re-prob left to the level rules (0.6 and 0.25 at level 4)
-    "birder": Recipe(
-        name="birder",
-        optimizer="sgd",
-        momentum=0.9,
-        param_groups="one",
-        schedule="constant-per-epoch",
-        lr=0.1,
-        weight_decay=1e-4,
-        clip_grad_norm=None,
-        augment="birder",
-        aug_level=4,
-        min_scale=None,
-        random_erasing=True,
-        ddp_gradient="exact",
-        projector_batch_norm=None,
+    "birder": replace(
+        MMCR_RECIPES["birder"], min_scale=None, random_erasing=True, ddp_gradient="exact", projector_batch_norm=None
     ),
 }
 
