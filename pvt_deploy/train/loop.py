@@ -32,7 +32,7 @@ from pvt_deploy.train.recipes import DEFAULT_RECIPE, MMCR_RECIPES, Recipe
 class LoopConfig:
     """Hyper-parameters that define a run. ``--resume`` compares ``describe()`` with the saved run's and refuses
     any difference except workers, checkpoint_every, stop_at, log_every, progress and data
-    (``pretrain.check_same_run``)."""
+    (``checkpoints.check_same_run``). ``recipe`` fixes the optimizer and schedule (``recipes.py``)."""
 
     global_batch: int
     steps: int
