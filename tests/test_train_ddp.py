@@ -31,7 +31,7 @@ def _run(command: list[str]) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
-def _grad_worker(out: Path) -> None:
+def _grad_worker(out: Path, ddp_gradient: str = "exact") -> None:
     """One forward/backward of MMCR on a fixed global batch; rank 0 saves loss and every gradient."""
     from pvt_deploy.train.distributed import init_distributed, shutdown_distributed, wrap_ddp
     from pvt_deploy.train.mmcr import mmcr_momentum_loss
@@ -45,7 +45,7 @@ def _grad_worker(out: Path) -> None:
     views = views[env.rank * local : (env.rank + 1) * local]
     model = wrap_ddp(net, env) if env.distributed else net
     z, z_momentum = model(views)
-    loss = mmcr_momentum_loss(z, z_momentum, n_aug=2)
+    loss = mmcr_momentum_loss(z, z_momentum, n_aug=2, ddp_gradient=ddp_gradient)
     loss.backward()
     if env.is_primary:
         grads = {name: p.grad.detach().clone() for name, p in net.named_parameters() if p.grad is not None}
@@ -69,6 +69,21 @@ def test_two_process_gradients_equal_one_process(tmp_path: Path) -> None:
     assert norm_two.item() == pytest.approx(norm_one.item(), rel=1e-5)
     for name, grad in one["grads"].items():
         assert torch.allclose(grad, two["grads"][name], rtol=1e-4, atol=1e-6 * norm_one.item()), name
+
+
+@pytest.mark.slow
+def test_birder_gather_gives_each_rank_only_its_own_slice_of_the_gradient(tmp_path: Path) -> None:
+    """``--recipe birder``'s convention: the loss is the same global loss, the gradient 1/world_size of it."""
+    script = str(Path(__file__).resolve())
+    _run([sys.executable, script, str(tmp_path / "one.pt")])
+    _run([*_torchrun(2), script, str(tmp_path / "two.pt"), "local-slice"])
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    assert torch.allclose(one["loss"], two["loss"], rtol=1e-6)
+    assert one["grads"].keys() == two["grads"].keys()
+    scale = max(g.abs().max().item() for g in one["grads"].values())
+    for name, grad in one["grads"].items():
+        assert torch.allclose(grad / 2, two["grads"][name], rtol=1e-4, atol=1e-6 * scale), name
 
 
 @pytest.mark.slow
@@ -107,4 +122,4 @@ def test_two_process_cli_run_tracks_one_process_run(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    _grad_worker(Path(sys.argv[1]))
+    _grad_worker(Path(sys.argv[1]), *sys.argv[2:3])

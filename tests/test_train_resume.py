@@ -74,3 +74,29 @@ def test_bf16_autocast_step_keeps_float32_weights(tmp_path: Path) -> None:
     assert torch.isfinite(torch.tensor(last["loss"]))
     state = _final(tmp_path / "bf16", 1)
     assert {tensor.dtype for key, tensor in state.items() if "num_batches" not in key} == {torch.float32}
+
+
+@pytest.mark.slow
+def test_birder_recipe_resume_matches_uninterrupted(tmp_path: Path) -> None:
+    """SGD momentum and the per-epoch ConstantLR come back from the states file too."""
+    from pvt_deploy.train.recipes import MMCR_RECIPES
+
+    data = make_image_folder(tmp_path / "data", per_class=4)  # 8 images, batch 4: 2 steps per epoch
+    torch.set_num_threads(1)
+    birder = {"recipe": MMCR_RECIPES["birder"], "lr": 0.1, "weight_decay": 1e-4, "clip_grad_norm": None}
+    settings = {"global_batch": 4, "warmup_steps": 0, "checkpoint_every": 0, **birder}
+    train_mmcr(data, tmp_path / "straight", TINY_MMCR, _loop(**settings), DistEnv())
+    train_mmcr(data, tmp_path / "resumed", TINY_MMCR, _loop(**settings, stop_at=3), DistEnv())
+    train_mmcr(data, tmp_path / "resumed", TINY_MMCR, _loop(**settings), DistEnv(), resume=True)
+    expected, resumed = _final(tmp_path / "straight", 5), _final(tmp_path / "resumed", 5)
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+    states = [
+        torch.load(tmp_path / run / "mmcr_pvt_v2_tiny_5_states.pt", weights_only=True)
+        for run in ("straight", "resumed")
+    ]
+    assert states[0]["scheduler_state"] == states[1]["scheduler_state"]
+    assert states[0]["scheduler_state"]["last_epoch"] == 2  # stepped at the end of epochs 1 and 2
+    for a, b in zip(
+        states[0]["optimizer_state"]["state"].values(), states[1]["optimizer_state"]["state"].values(), strict=True
+    ):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])

@@ -26,9 +26,24 @@ def _parse_size(_ctx: click.Context, _param: click.Parameter, value: str | None)
     return sizes[0], sizes[1]
 
 
-def _loop_options(default_lr: float, default_wd: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Options every training command shares (optimisation, schedule, checkpoints, loading, logging)."""
+def _loop_options(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Options every training command shares (recipe, optimisation, schedule, checkpoints, loading, logging).
+
+    Options whose default depends on ``--recipe`` default to None here and are resolved by ``_loop_config``."""
+    from pvt_deploy.train.recipes import DEFAULT_RECIPE, RECIPE_NAMES, recipe_for
+
+    ours, birder = recipe_for(kind, "pvt-deploy"), recipe_for(kind, "birder")  # type: ignore[arg-type]
     options = [
+        click.option(
+            "--recipe",
+            type=click.Choice(RECIPE_NAMES),
+            default=DEFAULT_RECIPE,
+            show_default=True,
+            help="pvt-deploy: ours (AdamW, warmup + cosine, clipping, exact DDP gradient). birder: birder 0.8.4's "
+            "own defaults (SGD momentum 0.9, constant lr per epoch, no clipping, birder's augmentations and DDP "
+            "conventions); its training states load into birder's --resume-epoch --load-states. "
+            "See docs/training.md.",
+        ),
         click.option(
             "--batch-size",
             type=click.IntRange(min=2),
@@ -46,37 +61,33 @@ def _loop_options(default_lr: float, default_wd: float) -> Callable[[Callable[..
         click.option(
             "--lr",
             type=click.FloatRange(min=0.0, min_open=True),
-            default=default_lr,
-            show_default=True,
-            help="Peak learning rate (AdamW).",
+            default=None,
+            help=f"Peak learning rate (AdamW) [default: {ours.lr:g}; birder recipe: {birder.lr:g}, SGD, constant].",
         ),
         click.option(
             "--min-lr",
             type=click.FloatRange(min=0.0),
-            default=0.0,
-            show_default=True,
-            help="Learning rate at the end of the cosine decay.",
+            default=None,
+            help="Learning rate at the end of the cosine decay [default: 0; not with --recipe birder].",
         ),
         click.option(
             "--weight-decay",
             type=click.FloatRange(min=0.0),
-            default=default_wd,
-            show_default=True,
-            help="AdamW weight decay (not applied to biases and norm weights).",
+            default=None,
+            help=f"Weight decay [default: {ours.weight_decay:g}, not on biases and norm weights; birder recipe: "
+            f"{birder.weight_decay:g} on every parameter].",
         ),
         click.option(
             "--warmup-steps",
             type=click.IntRange(min=0),
-            default=0,
-            show_default=True,
-            help="Linear warmup steps before the cosine decay.",
+            default=None,
+            help="Linear warmup steps before the cosine decay [default: 0; not with --recipe birder].",
         ),
         click.option(
             "--clip-grad-norm",
             type=click.FloatRange(min=0.0),
-            default=1.0,
-            show_default=True,
-            help="Clip the global gradient norm (0 disables).",
+            default=None,
+            help=f"Clip the global gradient norm, 0 disables [default: {ours.clip_grad_norm:g}; birder recipe: 0].",
         ),
         click.option("--bf16", is_flag=True, help="bfloat16 autocast for forward and backward."),
         click.option(
@@ -133,22 +144,31 @@ def _loop_options(default_lr: float, default_wd: float) -> Callable[[Callable[..
     return decorate
 
 
-def _loop_config(kwargs: dict[str, Any], num_images: Callable[[], int]):  # -> LoopConfig
+def _loop_config(kind: str, kwargs: dict[str, Any], num_images: Callable[[], int]):  # -> LoopConfig
     from pvt_deploy.train.loop import LoopConfig
+    from pvt_deploy.train.recipes import recipe_for
 
+    recipe = recipe_for(kind, kwargs["recipe"])  # type: ignore[arg-type]
+    if recipe.schedule == "constant-per-epoch":
+        given = [f"--{name.replace('_', '-')}" for name in ("warmup_steps", "min_lr") if kwargs[name] is not None]
+        if given:
+            raise TrainingError(
+                f"{' and '.join(given)} shape the cosine schedule; --recipe {recipe.name} keeps lr constant"
+            )
     steps, epochs = kwargs["steps"], kwargs["epochs"]
     if (steps is None) == (epochs is None):
         raise TrainingError("give exactly one of --steps and --epochs")
     if steps is None:
         steps = epochs * max(1, num_images() // kwargs["batch_size"])
+    clip = kwargs["clip_grad_norm"] if kwargs["clip_grad_norm"] is not None else recipe.clip_grad_norm
     return LoopConfig(
         global_batch=kwargs["batch_size"],
         steps=steps,
-        lr=kwargs["lr"],
-        weight_decay=kwargs["weight_decay"],
-        warmup_steps=kwargs["warmup_steps"],
-        min_lr=kwargs["min_lr"],
-        clip_grad_norm=kwargs["clip_grad_norm"] or None,
+        lr=kwargs["lr"] if kwargs["lr"] is not None else recipe.lr,
+        weight_decay=kwargs["weight_decay"] if kwargs["weight_decay"] is not None else recipe.weight_decay,
+        warmup_steps=kwargs["warmup_steps"] or 0,
+        min_lr=kwargs["min_lr"] or 0.0,
+        clip_grad_norm=clip or None,
         bf16=kwargs["bf16"],
         checkpoint_every=kwargs["checkpoint_every"],
         stop_at=kwargs["stop_at"],
@@ -156,7 +176,23 @@ def _loop_config(kwargs: dict[str, Any], num_images: Callable[[], int]):  # -> L
         workers=kwargs["workers"],
         log_every=kwargs["log_every"],
         progress=not kwargs["no_progress"],
+        recipe=recipe,
     )
+
+
+def _recipe_default(kind: str, kwargs: dict[str, Any], name: str) -> Any:
+    """An augmentation option's value: as given, else the recipe's default."""
+    from pvt_deploy.train.birder_augment import birder_default_min_scale
+    from pvt_deploy.train.recipes import recipe_for
+
+    if kwargs[name] is not None:
+        return kwargs[name]
+    recipe = recipe_for(kind, kwargs["recipe"])  # type: ignore[arg-type]
+    if name == "aug_level":
+        return recipe.aug_level
+    if recipe.min_scale is None:  # birder's fine-tuning: the level decides the crop scale
+        return round(birder_default_min_scale(_recipe_default(kind, kwargs, "aug_level")), 6)
+    return recipe.min_scale
 
 
 def _with_process_group(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -210,14 +246,16 @@ def train() -> None:
     help="EMA rate of the momentum encoder.",
 )
 @click.option(
-    "--aug-level", type=click.IntRange(0, 10), default=8, show_default=True, help="Photometric augmentation strength."
+    "--aug-level",
+    type=click.IntRange(0, 10),
+    default=None,
+    help="Augmentation strength [default: 8; birder recipe: 4, birder's own levels].",
 )
 @click.option(
     "--min-scale",
     type=click.FloatRange(0.0, 1.0, min_open=True),
-    default=0.3,
-    show_default=True,
-    help="Smallest random-resized-crop area fraction.",
+    default=None,
+    help="Smallest random-resized-crop area fraction [default: 0.3, both recipes].",
 )
 @click.option(
     "--flip/--no-flip",
@@ -228,7 +266,7 @@ def train() -> None:
 @click.option(
     "--drop-path-rate", type=click.FloatRange(0.0, 1.0), default=None, help="Override the network's stochastic depth."
 )
-@_loop_options(default_lr=1e-3, default_wd=1e-6)
+@_loop_options("mmcr")
 @_with_process_group
 def mmcr(env: Any, data: str, **kwargs: Any) -> None:
     """Pretrain a PVT v2 backbone with MMCR on every image under DATA (any folder tree).
@@ -244,7 +282,7 @@ def mmcr(env: Any, data: str, **kwargs: Any) -> None:
         raise click.BadParameter("expected comma-separated integers", param_hint="--projector-dims") from None
     if not projector_dims or min(projector_dims) <= 0:
         raise click.BadParameter("expected positive widths", param_hint="--projector-dims")
-    loop = _loop_config(kwargs, lambda: len(ImageFolder.unlabelled(data)))
+    loop = _loop_config("mmcr", kwargs, lambda: len(ImageFolder.unlabelled(data)))
     config = MMCRConfig(
         network=kwargs["network"],
         size=kwargs["size"],
@@ -252,8 +290,8 @@ def mmcr(env: Any, data: str, **kwargs: Any) -> None:
         n_aug=kwargs["n_aug"],
         lambda_coeff=kwargs["lambda_coeff"],
         momentum_tau=kwargs["momentum_tau"],
-        aug_level=kwargs["aug_level"],
-        min_scale=kwargs["min_scale"],
+        aug_level=_recipe_default("mmcr", kwargs, "aug_level"),
+        min_scale=_recipe_default("mmcr", kwargs, "min_scale"),
         flip=kwargs["flip"],
         drop_path_rate=kwargs["drop_path_rate"],
     )
@@ -279,24 +317,34 @@ def mmcr(env: Any, data: str, **kwargs: Any) -> None:
     help="Train only the new head (frozen body), or everything.",
 )
 @click.option("--size", callback=_parse_size, default=None, help="Input size (default: the --init checkpoint's).")
-@click.option("--aug-level", type=click.IntRange(0, 10), default=3, show_default=True)
-@click.option("--min-scale", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.5, show_default=True)
+@click.option(
+    "--aug-level",
+    type=click.IntRange(0, 10),
+    default=None,
+    help="Augmentation strength [default: 3; birder recipe: 4, with random erasing].",
+)
+@click.option(
+    "--min-scale",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=None,
+    help="Smallest crop area fraction [default: 0.5; birder recipe: 0.8 - 0.05 x level].",
+)
 @click.option("--label-smoothing", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True)
 @click.option("--tag", default="finetune", show_default=True, help="Checkpoint names are <network>_<tag>_<step>.pt.")
-@_loop_options(default_lr=1e-4, default_wd=0.05)
+@_loop_options("finetune")
 @_with_process_group
 def finetune(env: Any, data: str, **kwargs: Any) -> None:
     """Fine-tune on DATA, one sub-folder per class; saves birder classification checkpoints with class_to_idx."""
     from pvt_deploy.train.data import ImageFolder
     from pvt_deploy.train.finetune import FinetuneConfig, train_finetune
 
-    loop = _loop_config(kwargs, lambda: len(ImageFolder.labelled(data)))
+    loop = _loop_config("finetune", kwargs, lambda: len(ImageFolder.labelled(data)))
     config = FinetuneConfig(
         init=kwargs["init"],
         linear_probe=kwargs["linear_probe"],
         size=kwargs["size"],
-        aug_level=kwargs["aug_level"],
-        min_scale=kwargs["min_scale"],
+        aug_level=_recipe_default("finetune", kwargs, "aug_level"),
+        min_scale=_recipe_default("finetune", kwargs, "min_scale"),
         label_smoothing=kwargs["label_smoothing"],
         tag=kwargs["tag"],
     )

@@ -21,9 +21,10 @@ import re
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -429,40 +430,52 @@ def birder_network_for(model: PVTv2) -> str:
     return BIRDER_BASE_NETWORK.get(model.network, model.network)
 
 
-def _checkpoint_dict(
+@dataclass(frozen=True)
+class _CheckpointContent:
+    """What both birder file layouts hold: the tensors, the plain fields, and ``config`` for non-stock sizes."""
+
+    state: dict[str, torch.Tensor]
+    fields: dict[str, Any]
+    config: dict[str, Any] | None
+
+
+def _checkpoint_content(
     model: PVTv2,
     class_to_idx: dict[str, int],
     rgb_stats: dict[str, Any],
     task: str,
     signature: dict[str, Any] | None,
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
+) -> _CheckpointContent:
     num_classes = model.num_classes
     if sorted(int(v) for v in class_to_idx.values()) != list(range(num_classes)):
         raise CheckpointError(f"class_to_idx must map exactly the indices 0..{num_classes - 1}")
     if signature is None:
         signature = make_signature(model.size, num_classes, model.input_channels)
     rgb = {"mean": tuple(float(v) for v in rgb_stats["mean"]), "std": tuple(float(v) for v in rgb_stats["std"])}
-    return (
-        {
+    return _CheckpointContent(
+        state={k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        fields={
             "birder_version": BIRDER_FORMAT_VERSION,
             "task": task,
             "signature": signature,
             "class_to_idx": {str(k): int(v) for k, v in class_to_idx.items()},
             "rgb_stats": rgb,
         },
-        birder_config_for(model),
+        config=birder_config_for(model),
     )
 
 
-def _atomic_write(path: Path, write: Any) -> Path:
-    """Write through a temp file in the same folder, fsync, then rename: readers never see half a file."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """Write through a temp file in the same folder, fsync, then rename: readers never see half a file.
+
+    Every checkpoint and training-states file goes through here (``train.checkpoints.atomic_torch_save`` too)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
-            write(handle, tmp)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -486,16 +499,16 @@ def save_checkpoint(
 
     ``config`` is stored only when the model is not a stock birder size, exactly when birder itself stores it.
     ``extra`` adds more top-level keys (plain data only: they must pass ``weights_only`` loading)."""
-    fields, config = _checkpoint_dict(model, class_to_idx, rgb_stats, task, signature)
-    payload: dict[str, Any] = {"state": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **fields}
-    if config is not None:
-        payload["config"] = config
+    content = _checkpoint_content(model, class_to_idx, rgb_stats, task, signature)
+    payload: dict[str, Any] = {"state": content.state, **content.fields}
+    if content.config is not None:
+        payload["config"] = content.config
     if extra:
         clashes = set(extra) & set(payload)
         if clashes:
             raise ValueError(f"extra keys clash with birder's: {sorted(clashes)}")
         payload.update(extra)
-    return _atomic_write(Path(path), lambda handle, _tmp: torch.save(payload, handle))
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def save_safetensors(
@@ -510,24 +523,18 @@ def save_safetensors(
     """Save in birder's ``.safetensors`` layout (``fs_ops.save_st``): tensors plus JSON-string metadata."""
     from safetensors.torch import save as safetensors_bytes
 
-    fields, config = _checkpoint_dict(model, class_to_idx, rgb_stats, task, signature)
-    metadata = {
-        "birder_version": fields["birder_version"],
-        "task": fields["task"],
-        "class_to_idx": json.dumps(fields["class_to_idx"]),
-        "signature": json.dumps(fields["signature"]),
-        "rgb_stats": json.dumps(fields["rgb_stats"]),
-    }
-    if config is not None:
-        metadata["config"] = json.dumps(config)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    blob = safetensors_bytes(state, metadata=metadata)
-    return _atomic_write(Path(path), lambda handle, _tmp: handle.write(blob))
+    content = _checkpoint_content(model, class_to_idx, rgb_stats, task, signature)
+    metadata = {key: value if isinstance(value, str) else json.dumps(value) for key, value in content.fields.items()}
+    if content.config is not None:
+        metadata["config"] = json.dumps(content.config)
+    blob = safetensors_bytes(content.state, metadata=metadata)
+    return atomic_write(path, lambda handle: handle.write(blob))
 
 
 __all__ = [
     "BIRDER_FORMAT_VERSION",
     "LoadedCheckpoint",
+    "atomic_write",
     "birder_config_for",
     "birder_network_for",
     "infer_config",

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,19 @@ def _chance(g: torch.Generator, p: float) -> bool:
     return p > 0.0 and float(torch.rand((), generator=g)) < p
 
 
+class ViewAugment(Protocol):
+    """A recipe's view pipeline: ``AugmentConfig`` (ours) or ``birder_augment.BirderAugmentConfig``."""
+
+    size: tuple[int, int]
+
+    def view(self, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """One random view of a (3, H, W) float image in [0, 1], still unnormalised."""
+        ...
+
+
 @dataclass(frozen=True)
-class AugmentConfig:
-    """Strengths derived from ``level``: 0 gives crop + flip only, 10 the SimCLR/MMCR-strength recipe."""
+class CropConfig:
+    """The random-resized-crop and flip settings both recipes share, and the one level knob (0..10)."""
 
     size: tuple[int, int]
     level: int = 8
@@ -53,6 +64,14 @@ class AugmentConfig:
             raise ValueError(
                 f"crop scale range must satisfy 0 < min <= max <= 1, got {self.min_scale}..{self.max_scale}"
             )
+
+
+@dataclass(frozen=True)
+class AugmentConfig(CropConfig):
+    """Our recipe. Strengths derived from ``level``: 0 gives crop + flip only, 10 the SimCLR/MMCR-strength one."""
+
+    def view(self, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return augment_view(image, self, g)
 
     @property
     def jitter_prob(self) -> float:
@@ -104,11 +123,23 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear, antialiased resize of a (C, H, W) float image."""
+def draw_crop_and_flip(
+    height: int, width: int, config: CropConfig, g: torch.Generator
+) -> tuple[tuple[int, int, int, int], bool]:
+    """The geometric draws both recipes make first and in this order: the crop box, then the flip coin.
+
+    Drawing them before anything else is what lets the same sample seed give the same crop and flip under
+    either recipe (the photometric draws that follow differ)."""
+    box = random_resized_crop_box(height, width, (config.min_scale, config.max_scale), config.ratio, g)
+    flipped = config.flip and _chance(g, 0.5)
+    return box, flipped
+
+
+def resize(image: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Antialiased ``mode`` (bilinear or bicubic) resize of a (C, H, W) float image."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
-    return F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    return F.interpolate(image[None], size=size, mode=mode, antialias=True, align_corners=False)[0]
 
 
 def grayscale(image: torch.Tensor) -> torch.Tensor:
@@ -139,9 +170,11 @@ def adjust_hue(image: torch.Tensor, shift: float) -> torch.Tensor:
     return torch.einsum("ij,jhw->ihw", transform.to(image.dtype), image).clamp_(0.0, 1.0)
 
 
-def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur, kernel radius 3 sigma (at least 1), reflect padding."""
-    radius = max(1, math.ceil(3.0 * sigma))
+def gaussian_blur(image: torch.Tensor, sigma: float, radius: int | None = None) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding; kernel radius 3 sigma (at least 1) unless given (birder's
+    recipe gives torchvision's fixed odd kernel size // 2)."""
+    if radius is None:
+        radius = max(1, math.ceil(3.0 * sigma))
     radius = min(radius, min(image.shape[-2:]) - 1)
     if radius < 1:
         return image
@@ -183,11 +216,9 @@ def color_jitter(image: torch.Tensor, config: AugmentConfig, g: torch.Generator)
 
 def augment_view(image: torch.Tensor, config: AugmentConfig, g: torch.Generator) -> torch.Tensor:
     """One random view of a (3, H, W) float image in [0, 1], still unnormalised."""
-    top, left, h, w = random_resized_crop_box(
-        image.shape[-2], image.shape[-1], (config.min_scale, config.max_scale), config.ratio, g
-    )
+    (top, left, h, w), flipped = draw_crop_and_flip(image.shape[-2], image.shape[-1], config, g)
     view = resize(image[:, top : top + h, left : left + w], config.size).clamp(0.0, 1.0)
-    if config.flip and _chance(g, 0.5):
+    if flipped:
         view = view.flip(-1)
     if _chance(g, config.jitter_prob):
         view = color_jitter(view, config, g)

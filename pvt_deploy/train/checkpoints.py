@@ -4,27 +4,34 @@ birder's MMCR script (``train_mmcr.py``) writes, per save point, three files tha
 
 * ``mmcr_<network>_<n>.pt`` -- the whole MMCR net (online + momentum encoders), ``task`` "self_supervised_learning",
   signature ``{"inputs": [{"data_shape": [0, C, H, W]}], "outputs": [{"data_shape": [0]}]}``;
-* ``mmcr_<network>_<n>_states.pt`` -- optimizer / scheduler / scaler state (birder's "training states" file);
+* ``mmcr_<network>_<n>_states.pt`` -- optimizer / scheduler / scaler state in the dict layout of birder's
+  "training states" file (birder's ``--load-states`` takes it under ``--recipe birder``: one parameter group);
 * ``<network>_mmcr_<n>.pt`` -- the backbone alone as a 0-class classification checkpoint, the file birder's
   ``train.py --network <network> --tag mmcr --resume-epoch <n> --reset-head`` fine-tunes from.
 
 birder numbers files by epoch; we number them by optimizer step (``--checkpoint-every`` counts steps). Fine-tuning
 writes ``<network>_<tag>_<n>.pt`` (classification, with ``class_to_idx``) and its ``_states.pt``. Our extra keys
 in the states file (``step``, ``run``) are ignored by birder, which reads only its own.
+``resume_states`` finds the newest save point again and refuses a resume with different settings.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pvt_deploy.errors import TrainingError
-from pvt_deploy.model.checkpoint import BIRDER_FORMAT_VERSION, birder_config_for, make_signature, save_checkpoint
+from pvt_deploy.model.checkpoint import (
+    BIRDER_FORMAT_VERSION,
+    atomic_write,
+    birder_config_for,
+    make_signature,
+    save_checkpoint,
+)
 from pvt_deploy.model.pvt_v2 import PVTv2
 
 SSL_TASK = "self_supervised_learning"
@@ -52,19 +59,8 @@ def step_path(out_dir: Path, name: str, step: int, *, states: bool = False) -> P
 
 
 def atomic_torch_save(payload: Any, path: Path) -> Path:
-    """torch.save through a temp file + rename so an interrupted save never leaves a truncated checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    """torch.save through the project's atomic writer, so an interrupted save never leaves a truncated file."""
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def save_ssl_net(
@@ -104,7 +100,10 @@ def save_backbone(path: Path, backbone: PVTv2, rgb_stats: dict[str, Any]) -> Pat
 
 
 def save_states(path: Path, *, optimizer: torch.optim.Optimizer, scheduler: Any, step: int, run: dict) -> Path:
-    """birder's training-states dict plus our resume bookkeeping."""
+    """The training states in the dict layout of birder's ``fs_ops._checkpoint_states`` plus our resume
+    bookkeeping (``step``, ``run``; birder files extra keys under ``extra_states``). Whether birder's
+    ``--load-states`` accepts the optimizer state depends on the recipe: birder's has one parameter group,
+    ours two (``loop.make_optimizer``)."""
     return atomic_torch_save(
         {
             "optimizer_state": optimizer.state_dict(),
@@ -123,6 +122,32 @@ def load_states(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file is one user-facing error
         raise TrainingError(f"cannot read training states {path}: {str(exc).splitlines()[0]}") from None
+
+
+def resume_states(out_dir: Path, run_name: str, description: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """The newest saved step of ``run_name`` in ``out_dir`` and its training states, checked to be the same run."""
+    step = latest_step(out_dir, run_name)
+    if step is None:
+        raise TrainingError(f"--resume: no {run_name}_<step>.pt with its _states.pt in {out_dir}")
+    states = load_states(step_path(out_dir, run_name, step, states=True))
+    check_same_run(states.get("run", {}), description)
+    return step, states
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """A resumed run must use the settings that shape the remaining steps, or it would not be a continuation."""
+    ignored = {"workers", "checkpoint_every", "stop_at", "log_every", "progress", "data"}
+    changed = [
+        f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if key not in ignored and _normal(saved.get(key)) != _normal(current.get(key))
+    ]
+    if changed:
+        raise TrainingError("--resume with different settings than the checkpointed run (" + "; ".join(changed) + ")")
+
+
+def _normal(value: Any) -> Any:
+    return json.loads(json.dumps(value))
 
 
 def latest_step(out_dir: Path, name: str) -> int | None:

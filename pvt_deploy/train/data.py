@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pvt_deploy.errors import DatasetError, ImageError
 from pvt_deploy.preprocess import IMAGE_EXTENSIONS
-from pvt_deploy.train.augment import AugmentConfig, RGBStats, augment_view, normalize
+from pvt_deploy.train.augment import RGBStats, ViewAugment, normalize
 
 
 def list_images(root: Path) -> list[Path]:
@@ -95,7 +95,7 @@ def _existing_dir(root: str | Path) -> Path:
 class ViewsDataset(Dataset):
     """Returns ``n_aug`` augmented, normalised views ``(n_aug, 3, H, W)`` and the label for an ``(index, seed)``."""
 
-    def __init__(self, folder: ImageFolder, augment: AugmentConfig, rgb_stats: RGBStats, n_aug: int) -> None:
+    def __init__(self, folder: ImageFolder, augment: ViewAugment, rgb_stats: RGBStats, n_aug: int) -> None:
         self.folder = folder
         self.augment = augment
         self.rgb_stats = rgb_stats
@@ -108,7 +108,7 @@ class ViewsDataset(Dataset):
         index, seed = key
         image = load_rgb(self.folder.paths[index])
         generator = torch.Generator().manual_seed(int(seed))
-        views = [normalize(augment_view(image, self.augment, generator), self.rgb_stats) for _ in range(self.n_aug)]
+        views = [normalize(self.augment.view(image, generator), self.rgb_stats) for _ in range(self.n_aug)]
         return torch.stack(views), self.folder.labels[index]
 
 

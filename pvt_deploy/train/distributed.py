@@ -108,6 +108,17 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(tensor)
 
 
+def all_gather_local_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """birder's gather: every rank's rows, of which only this rank's own carry gradient; identity when not
+    distributed."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    parts[dist.get_rank()] = tensor
+    return torch.cat(parts, dim=0)
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Average a (detached) metric over ranks, for logging."""
     if not is_distributed():
@@ -117,14 +128,18 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
-def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
-    """DistributedDataParallel without per-forward buffer broadcasts: every rank computes identical BatchNorm
-    statistics already (see ``GlobalBatchNorm1d``), so rank 0's copy would add traffic and nothing else."""
+def wrap_ddp(module: torch.nn.Module, env: DistEnv, *, broadcast_buffers: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel, by default without per-forward buffer broadcasts: with ``GlobalBatchNorm1d``
+    every rank computes identical BatchNorm statistics already, so rank 0's copy would add traffic and nothing
+    else. ``broadcast_buffers`` True is DDP's (and birder's) default, which per-rank BatchNorm needs to keep the
+    ranks' running statistics equal."""
     import inspect
 
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [env.device.index] if env.device.type == "cuda" else None
+    if broadcast_buffers:
+        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=True)
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
         return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)

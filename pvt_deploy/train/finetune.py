@@ -7,7 +7,6 @@ which ``pvt-deploy export`` and birder's own ``load_model`` both load.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +21,12 @@ from pvt_deploy.model.checkpoint import load_checkpoint, read_checkpoint_file, s
 from pvt_deploy.model.pvt_v2 import BIRDER_LAYER_NORM_EPS, PVTv2
 from pvt_deploy.train import checkpoints as ckpt
 from pvt_deploy.train.augment import AugmentConfig
+from pvt_deploy.train.birder_augment import BirderAugmentConfig, birder_default_erase_prob
 from pvt_deploy.train.data import ImageFolder, ViewsDataset
 from pvt_deploy.train.distributed import DistEnv, wrap_ddp
 from pvt_deploy.train.loop import LoopConfig, TrainTask, run_loop
-from pvt_deploy.train.pretrain import check_train_size, resume_states
+from pvt_deploy.train.pretrain import check_train_size
+from pvt_deploy.train.recipes import Recipe
 
 
 @dataclass
@@ -51,6 +52,17 @@ class FinetuneConfig:
             "layer_norm_eps": self.layer_norm_eps,
             "tag": self.tag,
         }
+
+    def augment(self, size: tuple[int, int], recipe: Recipe) -> AugmentConfig | BirderAugmentConfig:
+        """One view per image; birder's fine-tuning pipeline also erases a patch (p and size from the level)."""
+        if recipe.augment != "birder":
+            return AugmentConfig(size=size, level=self.aug_level, min_scale=self.min_scale)
+        return BirderAugmentConfig(
+            size=size,
+            level=self.aug_level,
+            min_scale=self.min_scale,
+            erase_prob=birder_default_erase_prob(self.aug_level) if recipe.random_erasing else 0.0,
+        )
 
 
 def load_init(path: str | Path, layer_norm_eps: float) -> tuple[PVTv2, dict[str, Any]]:
@@ -84,7 +96,10 @@ def train_finetune(
     resume: bool = False,
     echo: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
+    """Fine-tune with ``loop.recipe``; writes birder classification checkpoints and returns the last step's
+    metrics."""
     out_dir = Path(out_dir)
+    recipe = loop.recipe
     folder = ImageFolder.labelled(data)
     model, init_rgb = load_init(config.init, config.layer_norm_eps)
     rgb_stats = config.rgb_stats or init_rgb
@@ -105,7 +120,7 @@ def train_finetune(
 
     start_step, states = 0, None
     if resume:
-        start_step, states = resume_states(out_dir, name, description)
+        start_step, states = ckpt.resume_states(out_dir, name, description)
         resumed = load_checkpoint(ckpt.step_path(out_dir, name, start_step), layer_norm_eps=config.layer_norm_eps)
         model.load_state_dict(resumed.model.state_dict(), strict=True)
         echo(f"resuming {name} from step {start_step}")
@@ -113,11 +128,11 @@ def train_finetune(
     if config.linear_probe:
         for param_name, param in model.named_parameters():
             param.requires_grad_(param_name.startswith("classifier."))
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def set_train_mode() -> None:
         model.train()
-        if config.linear_probe:  # frozen body: no stochastic depth, features as at inference
+        if config.linear_probe and recipe.name != "birder":
+            # frozen body: no stochastic depth, features as at inference (birder's --freeze-body keeps it training)
             model.eval()
             model.classifier.train()
 
@@ -129,34 +144,18 @@ def train_finetune(
         logits = forward_model(views[:, 0])
         return F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
 
-    def save(step: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> list[Path]:
-        return [
-            save_checkpoint(
-                ckpt.step_path(out_dir, name, step),
-                model,
-                class_to_idx=folder.class_to_idx,
-                rgb_stats=rgb_stats,
-            ),
-            ckpt.save_states(
-                ckpt.step_path(out_dir, name, step, states=True),
-                optimizer=optimizer,
-                scheduler=scheduler,
-                step=step,
-                run=description,
-            ),
-        ]
+    def save_models(step: int) -> list[Path]:
+        path = ckpt.step_path(out_dir, name, step)
+        return [save_checkpoint(path, model, class_to_idx=folder.class_to_idx, rgb_stats=rgb_stats)]
 
-    if env.is_primary:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run.json").write_text(json.dumps(description, indent=2) + "\n")
-    augment = AugmentConfig(size=size, level=config.aug_level, min_scale=config.min_scale)
-    dataset = ViewsDataset(folder, augment, rgb_stats, n_aug=1)
     task = TrainTask(
+        name=name,
+        description=description,
         model=forward_model,
-        trainable=trainable,
-        dataset=dataset,
+        trainable=[(n, p) for n, p in model.named_parameters() if p.requires_grad],
+        dataset=ViewsDataset(folder, config.augment(size, recipe), rgb_stats, n_aug=1),
         compute_loss=compute_loss,
-        save=save,
+        save_models=save_models,
         set_train_mode=set_train_mode,
     )
     return run_loop(task, loop, env, out_dir, start_step=start_step, resume_states=states, echo=echo)

@@ -1,5 +1,6 @@
-"""The step loop shared by MMCR pretraining and fine-tuning: AdamW, warmup + cosine, clipping, bf16 autocast,
-periodic checkpoints, bit-for-bit resume, a progress bar and a JSONL metrics log.
+"""The step loop shared by MMCR pretraining and fine-tuning: the recipe's optimizer and schedule (ours: AdamW,
+warmup + cosine per step, clipping; birder's: SGD, constant per epoch), bf16 autocast, periodic checkpoints,
+bit-for-bit resume, a progress bar and a JSONL metrics log.
 
 Why resume is exact: the batches of step ``s`` come from the seeded sampler (a function of seed and epoch only),
 the global torch RNG (stochastic depth) is re-seeded from (seed, step, rank) before every step, and model,
@@ -21,15 +22,17 @@ import torch
 from torch import nn
 
 from pvt_deploy.errors import ImageError, TrainingError
+from pvt_deploy.train import checkpoints as ckpt
 from pvt_deploy.train.data import SeededBatchSampler, ViewsDataset, make_loader
 from pvt_deploy.train.distributed import DistEnv, all_reduce_mean, barrier
+from pvt_deploy.train.recipes import DEFAULT_RECIPE, MMCR_RECIPES, Recipe
 
 
 @dataclass
 class LoopConfig:
     """Hyper-parameters that define a run. ``--resume`` compares ``describe()`` with the saved run's and refuses
     any difference except workers, checkpoint_every, stop_at, log_every, progress and data
-    (``pretrain.check_same_run``)."""
+    (``checkpoints.check_same_run``). ``recipe`` fixes the optimizer and schedule (``recipes.py``)."""
 
     global_batch: int
     steps: int
@@ -45,10 +48,12 @@ class LoopConfig:
     workers: int = 2
     log_every: int = 1
     progress: bool = True
+    recipe: Recipe = MMCR_RECIPES[DEFAULT_RECIPE]
     extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
-        return {**{k: v for k, v in asdict(self).items() if k != "extra"}, **self.extra}
+        settings = {k: v for k, v in asdict(self).items() if k not in ("extra", "recipe")}
+        return {**settings, **self.recipe.describe(), **self.extra}
 
 
 def warmup_cosine(step: int, *, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
@@ -60,15 +65,27 @@ def warmup_cosine(step: int, *, total: int, warmup: int, base_lr: float, min_lr:
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(parameters: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; biases and norm parameters (ndim <= 1) are not decayed."""
+def make_optimizer(parameters: list[tuple[str, nn.Parameter]], config: LoopConfig) -> torch.optim.Optimizer:
+    """Ours: AdamW, biases and norm parameters (ndim <= 1) not decayed (two groups). birder's: SGD with momentum,
+    every parameter decayed, in the one group (with its ``lr_scale`` key) that birder's
+    ``optimizer_parameter_groups`` builds with its defaults, so its ``--load-states`` accepts our states."""
+    if config.recipe.optimizer == "sgd":
+        group = {"params": [p for _, p in parameters], "weight_decay": config.weight_decay, "lr_scale": 1.0}
+        return torch.optim.SGD(
+            [group], lr=config.lr, momentum=config.recipe.momentum, nesterov=False, weight_decay=config.weight_decay
+        )
     decay = [p for _, p in parameters if p.ndim > 1]
     no_decay = [p for _, p in parameters if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999))
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.999))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: LoopConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(optimizer: torch.optim.Optimizer, config: LoopConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Ours: warmup + cosine, stepped every optimizer step. birder's default: ``ConstantLR(factor=1.0,
+    total_iters=1)``, stepped at the end of every epoch (its ``--lr-scheduler-update epoch``)."""
+    if config.recipe.schedule == "constant-per-epoch":
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=1)
+
     def factor(step: int) -> float:
         lr = warmup_cosine(
             step, total=config.steps, warmup=config.warmup_steps, base_lr=config.lr, min_lr=config.min_lr
@@ -138,15 +155,28 @@ class MetricsLog:
 
 @dataclass
 class TrainTask:
-    """What a concrete training run plugs into the loop."""
+    """What a concrete training run plugs into the loop. The loop itself writes run.json (``description``) and
+    each save point's training states (``<name>_<step>_states.pt``); the task writes only its model files."""
 
+    name: str  # checkpoint stem: <name>_<step>.pt and <name>_<step>_states.pt
+    description: dict[str, Any]  # every setting: run.json, and the states' "run" that --resume compares
     model: nn.Module  # what forward runs on (DDP-wrapped when distributed)
     trainable: list[tuple[str, nn.Parameter]]
     dataset: ViewsDataset
     compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    save: Callable[[int, torch.optim.Optimizer, Any], list[Path]]  # called on the primary rank only
+    save_models: Callable[[int], list[Path]]  # the step's model files; called on the primary rank only
     after_step: Callable[[], None] = lambda: None
     set_train_mode: Callable[[], None] = lambda: None
+
+    def save(self, out_dir: Path, step: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> list[Path]:
+        states = ckpt.save_states(
+            ckpt.step_path(out_dir, self.name, step, states=True),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            step=step,
+            run=self.description,
+        )
+        return [*self.save_models(step), states]
 
 
 def run_loop(
@@ -165,8 +195,12 @@ def run_loop(
         raise TrainingError(
             f"{len(task.dataset)} images are fewer than one global batch of {config.global_batch}; lower --batch-size"
         )
-    optimizer = make_optimizer(task.trainable, config.lr, config.weight_decay)
+    if env.is_primary:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run.json").write_text(json.dumps(task.description, indent=2) + "\n")
+    optimizer = make_optimizer(task.trainable, config)
     scheduler = make_scheduler(optimizer, config)
+    per_epoch_schedule = config.recipe.schedule == "constant-per-epoch"
     if resume_states is not None:
         optimizer.load_state_dict(resume_states["optimizer_state"])
         scheduler.load_state_dict(resume_states["scheduler_state"])
@@ -208,9 +242,12 @@ def run_loop(
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.clip_grad_norm))
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
-                scheduler.step()
+                if not per_epoch_schedule:
+                    scheduler.step()
                 task.after_step()
                 step += 1
+                if per_epoch_schedule and step % batches_per_epoch == 0:
+                    scheduler.step()
                 now = time.perf_counter()
                 last = {
                     "step": step,
@@ -227,7 +264,7 @@ def run_loop(
                 progress.update(last, end)
                 if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == end:
                     if env.is_primary:
-                        saved = task.save(step, optimizer, scheduler)
+                        saved = task.save(out_dir, step, optimizer, scheduler)
                     barrier()
                 if step >= end:
                     break

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pvt_deploy.model.pvt_v2 import PVTv2
-from pvt_deploy.train.distributed import all_gather_with_grad, is_distributed
+from pvt_deploy.train.distributed import all_gather_local_grad, all_gather_with_grad, is_distributed
 
 DEFAULT_PROJECTOR_DIMS = (8192, 8192, 512)
 DEFAULT_MOMENTUM_TAU = 0.99
@@ -38,11 +38,15 @@ def mmcr_momentum_loss(
     lambda_coeff: float = 0.0,
     *,
     gather: bool = True,
+    ddp_gradient: str = "exact",
 ) -> torch.Tensor:
     """MMCR loss for projections laid out image-major: rows ``[img0 view0, img0 view1, ..., img1 view0, ...]``.
 
-    Under a process group the per-image view matrices are all-gathered (gradient-aware) first, so every rank
-    computes the same global loss. Rows whose centroid is not finite (a NaN/inf projection) are dropped.
+    Under a process group the per-image view matrices are all-gathered first, so every rank computes the same
+    global loss. ``ddp_gradient`` "exact" gathers with a backward that sums every rank's gradient (DDP's average
+    is then the single-process gradient); "local-slice" is birder's plain ``all_gather``, through which only this
+    rank's own rows carry gradient (1/world_size of it after DDP's average). Rows whose centroid is not finite
+    (a NaN/inf projection) are dropped.
     """
     if z.shape != z_momentum.shape or z.ndim != 2 or z.shape[0] % n_aug:
         raise ValueError(
@@ -57,8 +61,9 @@ def mmcr_momentum_loss(
     views = z.reshape(-1, n_aug, z.shape[-1]).permute(0, 2, 1)
     views_momentum = z_momentum.reshape(-1, n_aug, z.shape[-1]).permute(0, 2, 1)
     if gather and is_distributed():
-        views = all_gather_with_grad(views.contiguous())
-        views_momentum = all_gather_with_grad(views_momentum.contiguous())
+        gather_rows = all_gather_with_grad if ddp_gradient == "exact" else all_gather_local_grad
+        views = gather_rows(views.contiguous())
+        views_momentum = gather_rows(views_momentum.contiguous())
 
     centroids = 0.5 * (views.mean(dim=-1) + views_momentum.mean(dim=-1))
     centroids = centroids[centroids.isfinite().all(dim=1)]
@@ -66,18 +71,6 @@ def mmcr_momentum_loss(
     if lambda_coeff != 0.0:
         loss = loss + lambda_coeff * nuclear_norm(views) / views.shape[0]
     return loss
-
-
-class MMCRMomentumLoss(nn.Module):
-    """Module wrapper of :func:`mmcr_momentum_loss` (birder's name and constructor)."""
-
-    def __init__(self, lambda_coeff: float = 0.0, n_aug: int = DEFAULT_N_AUG) -> None:
-        super().__init__()
-        self.lambda_coeff = lambda_coeff
-        self.n_aug = n_aug
-
-    def forward(self, z: torch.Tensor, z_momentum: torch.Tensor) -> torch.Tensor:
-        return mmcr_momentum_loss(z, z_momentum, self.n_aug, self.lambda_coeff)
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
@@ -97,14 +90,17 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         return full[rank * rows : (rank + 1) * rows]
 
 
-def build_projector(in_dim: int, dims: Sequence[int]) -> nn.Sequential:
-    """[Linear(no bias), BatchNorm1d, ReLU] per hidden layer, then a bias-free Linear (birder's layout)."""
+def build_projector(in_dim: int, dims: Sequence[int], *, global_batch_norm: bool = True) -> nn.Sequential:
+    """[Linear(no bias), BatchNorm1d, ReLU] per hidden layer, then a bias-free Linear (birder's layout).
+
+    ``global_batch_norm`` False keeps each rank's own batch statistics, as birder does without ``--sync-bn``."""
     if len(dims) < 1:
         raise ValueError("projector needs at least one output dim")
+    norm = GlobalBatchNorm1d if global_batch_norm else nn.BatchNorm1d
     sizes = [in_dim, *dims]
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 2):
-        layers += [nn.Linear(sizes[i], sizes[i + 1], bias=False), GlobalBatchNorm1d(sizes[i + 1]), nn.ReLU(True)]
+        layers += [nn.Linear(sizes[i], sizes[i + 1], bias=False), norm(sizes[i + 1]), nn.ReLU(True)]
     layers.append(nn.Linear(sizes[-2], sizes[-1], bias=False))
     return nn.Sequential(*layers)
 
@@ -112,10 +108,10 @@ def build_projector(in_dim: int, dims: Sequence[int]) -> nn.Sequential:
 class MMCREncoder(nn.Module):
     """Backbone embedding (global-average-pooled last stage, as birder takes it) followed by the projector."""
 
-    def __init__(self, backbone: PVTv2, projector_dims: Sequence[int]) -> None:
+    def __init__(self, backbone: PVTv2, projector_dims: Sequence[int], *, global_batch_norm: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
-        self.projector = build_projector(backbone.embedding_size, projector_dims)
+        self.projector = build_projector(backbone.embedding_size, projector_dims, global_batch_norm=global_batch_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone.forward_features(x)
@@ -127,11 +123,17 @@ class MMCR(nn.Module):
     """Online encoder + EMA momentum encoder. ``forward`` takes (images, n_aug, C, H, W) and returns the
     online projections (with grad) and the momentum projections (without), both image-major."""
 
-    def __init__(self, backbone: PVTv2, projector_dims: Sequence[int] = DEFAULT_PROJECTOR_DIMS) -> None:
+    def __init__(
+        self,
+        backbone: PVTv2,
+        projector_dims: Sequence[int] = DEFAULT_PROJECTOR_DIMS,
+        *,
+        global_batch_norm: bool = True,
+    ) -> None:
         super().__init__()
         self.projector_dims = list(projector_dims)
         self.backbone = backbone
-        self.encoder = MMCREncoder(backbone, projector_dims)
+        self.encoder = MMCREncoder(backbone, projector_dims, global_batch_norm=global_batch_norm)
         self.momentum_encoder = copy.deepcopy(self.encoder)
         for parameter in self.momentum_encoder.parameters():
             parameter.requires_grad_(False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +13,12 @@ from pvt_deploy.errors import TrainingError
 from pvt_deploy.model.pvt_v2 import BIRDER_LAYER_NORM_EPS, PVT_V2_CONFIGS, create_model
 from pvt_deploy.train import checkpoints as ckpt
 from pvt_deploy.train.augment import BIRDER_RGB_STATS, AugmentConfig, RGBStats
+from pvt_deploy.train.birder_augment import BirderAugmentConfig
 from pvt_deploy.train.data import ImageFolder, ViewsDataset
 from pvt_deploy.train.distributed import DistEnv, wrap_ddp
 from pvt_deploy.train.loop import LoopConfig, TrainTask, run_loop
 from pvt_deploy.train.mmcr import DEFAULT_MOMENTUM_TAU, DEFAULT_N_AUG, DEFAULT_PROJECTOR_DIMS, MMCR, mmcr_momentum_loss
+from pvt_deploy.train.recipes import DEFAULT_RECIPE, MMCR_RECIPES, Recipe
 
 
 @dataclass
@@ -50,9 +51,15 @@ class MMCRConfig:
             "drop_path_rate": self.drop_path_rate,
         }
 
+    def augment(self, recipe: Recipe) -> AugmentConfig | BirderAugmentConfig:
+        """The recipe's view pipeline (birder's MMCR script turns random erasing off)."""
+        augment_type = BirderAugmentConfig if recipe.augment == "birder" else AugmentConfig
+        return augment_type(size=self.size, level=self.aug_level, min_scale=self.min_scale, flip=self.flip)
 
-def build_mmcr(config: MMCRConfig, seed: int) -> MMCR:
-    """Seeded so every rank (and a resumed run, before loading) starts from identical weights."""
+
+def build_mmcr(config: MMCRConfig, seed: int, recipe: Recipe = MMCR_RECIPES[DEFAULT_RECIPE]) -> MMCR:
+    """Seeded so every rank (and a resumed run, before loading) starts from identical weights; the recipe
+    decides whether the projector's BatchNorm sees the global batch or each rank's own."""
     if config.network not in PVT_V2_CONFIGS:
         raise TrainingError(f"unknown network {config.network!r}; known: {', '.join(sorted(PVT_V2_CONFIGS))}")
     check_train_size(config.size)
@@ -61,7 +68,8 @@ def build_mmcr(config: MMCRConfig, seed: int) -> MMCR:
     backbone = create_model(
         config.network, 0, size=config.size, layer_norm_eps=config.layer_norm_eps, config_overrides=overrides
     )
-    return MMCR(backbone, config.projector_dims)
+    global_batch_norm = recipe.projector_batch_norm == "global-batch"
+    return MMCR(backbone, config.projector_dims, global_batch_norm=global_batch_norm)
 
 
 def train_mmcr(
@@ -74,31 +82,33 @@ def train_mmcr(
     resume: bool = False,
     echo: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
-    """Pretrain; writes birder-layout checkpoints into ``out_dir`` and returns the last step's metrics."""
+    """Pretrain with ``loop.recipe``; writes birder-layout checkpoints into ``out_dir`` and returns the last
+    step's metrics."""
     out_dir = Path(out_dir)
+    recipe = loop.recipe
     folder = ImageFolder.unlabelled(data)
-    augment = AugmentConfig(size=config.size, level=config.aug_level, min_scale=config.min_scale, flip=config.flip)
-    dataset = ViewsDataset(folder, augment, config.rgb_stats, config.n_aug)
-    net = build_mmcr(config, loop.seed).to(env.device)
+    dataset = ViewsDataset(folder, config.augment(recipe), config.rgb_stats, config.n_aug)
+    net = build_mmcr(config, loop.seed, recipe).to(env.device)
     run_name = ckpt.mmcr_run_name(config.network)
     backbone_name = ckpt.mmcr_backbone_name(config.network)
     description = {"kind": "mmcr", **config.describe(), **loop.describe(), "data": str(folder.root)}
 
     start_step, states = 0, None
     if resume:
-        start_step, states = _resume(out_dir, run_name, net, description)
+        start_step, states = ckpt.resume_states(out_dir, run_name, description)
+        payload = torch.load(ckpt.step_path(out_dir, run_name, start_step), map_location="cpu", weights_only=True)
+        net.load_state_dict(payload["state"], strict=True)
         echo(f"resuming {run_name} from step {start_step}")
 
     model: torch.nn.Module = net
     if env.distributed:
-        model = wrap_ddp(net, env)
-    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+        model = wrap_ddp(net, env, broadcast_buffers=recipe.projector_batch_norm == "per-rank")
 
     def compute_loss(views: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
         z, z_momentum = model(views)
-        return mmcr_momentum_loss(z, z_momentum, config.n_aug, config.lambda_coeff)
+        return mmcr_momentum_loss(z, z_momentum, config.n_aug, config.lambda_coeff, ddp_gradient=recipe.ddp_gradient)
 
-    def save(step: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> list[Path]:
+    def save_models(step: int) -> list[Path]:
         return [
             ckpt.save_ssl_net(
                 ckpt.step_path(out_dir, run_name, step),
@@ -107,25 +117,17 @@ def train_mmcr(
                 config.rgb_stats,
                 list(config.projector_dims),
             ),
-            ckpt.save_states(
-                ckpt.step_path(out_dir, run_name, step, states=True),
-                optimizer=optimizer,
-                scheduler=scheduler,
-                step=step,
-                run=description,
-            ),
             ckpt.save_backbone(ckpt.step_path(out_dir, backbone_name, step), net.backbone, config.rgb_stats),
         ]
 
-    if env.is_primary:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run.json").write_text(json.dumps(description, indent=2) + "\n")
     task = TrainTask(
+        name=run_name,
+        description=description,
         model=model,
-        trainable=trainable,
+        trainable=[(n, p) for n, p in net.named_parameters() if p.requires_grad],
         dataset=dataset,
         compute_loss=compute_loss,
-        save=save,
+        save_models=save_models,
         after_step=lambda: net.update_momentum(config.momentum_tau),
         set_train_mode=net.train,
     )
@@ -136,36 +138,3 @@ def check_train_size(size: tuple[int, int]) -> None:
     """PVT v2 downsamples by 32; say so as a --size error before any model is built."""
     if size[0] % 32 or size[1] % 32:
         raise TrainingError(f"--size {size[0]}x{size[1]} must be a multiple of 32 on both sides")
-
-
-def resume_states(out_dir: Path, run_name: str, description: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """The newest saved step of ``run_name`` in ``out_dir`` and its training states, checked to be the same run."""
-    step = ckpt.latest_step(out_dir, run_name)
-    if step is None:
-        raise TrainingError(f"--resume: no {run_name}_<step>.pt with its _states.pt in {out_dir}")
-    states = ckpt.load_states(ckpt.step_path(out_dir, run_name, step, states=True))
-    check_same_run(states.get("run", {}), description)
-    return step, states
-
-
-def _resume(out_dir: Path, run_name: str, net: MMCR, description: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    step, states = resume_states(out_dir, run_name, description)
-    payload = torch.load(ckpt.step_path(out_dir, run_name, step), map_location="cpu", weights_only=True)
-    net.load_state_dict(payload["state"], strict=True)
-    return step, states
-
-
-def check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """A resumed run must use the settings that shape the remaining steps, or it would not be a continuation."""
-    ignored = {"workers", "checkpoint_every", "stop_at", "log_every", "progress", "data"}
-    changed = [
-        f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
-        for key in sorted(set(saved) | set(current))
-        if key not in ignored and _normal(saved.get(key)) != _normal(current.get(key))
-    ]
-    if changed:
-        raise TrainingError("--resume with different settings than the checkpointed run (" + "; ".join(changed) + ")")
-
-
-def _normal(value: Any) -> Any:
-    return json.loads(json.dumps(value))
