@@ -71,6 +71,15 @@ def test_401_without_the_bearer_token(server: Server, photo_paths: list[Path]) -
         assert '<div id="key-row" >' in anonymous.get("/").text  # the key field is shown
 
 
+def test_non_ascii_bearer_token_is_401(server: Server, photo_paths: list[Path]) -> None:
+    """Compared as bytes: a token that is not ASCII is a wrong key (401), never a 500."""
+    with httpx.Client(base_url=server.url, timeout=60) as anonymous:
+        for token in ("Bearer k\u00e9y".encode(), b"Bearer \xff\xfe", "Bearer s3cret-tok\u00e9n".encode()):
+            response = anonymous.post("/v1/predict", files=files(photo_paths[5:6]), headers={"authorization": token})
+            assert response.status_code == 401, (token, response.text)
+    assert server.process.poll() is None
+
+
 def test_413_over_the_body_cap(client: httpx.Client) -> None:
     too_big = b"\0" * int(MAX_BODY_MB * 1024 * 1024 + 1)
     response = client.post("/v1/predict", content=too_big, headers={"content-type": "image/png"})
@@ -89,8 +98,9 @@ def test_413_over_the_body_cap(client: httpx.Client) -> None:
 def test_413_for_more_images_than_the_queue_holds(client: httpx.Client) -> None:
     small = io.BytesIO()
     Image.new("RGB", (40, 40), (120, 160, 90)).save(small, format="PNG")
-    response = client.post("/v1/predict", files=[("image", ("a.png", small.getvalue()))] * 2)
-    assert response.status_code == 413 and "at most 1" in response.json()["detail"]
+    for count in (2, 5):  # one over the queue, and well over it (the form parser's own file limit)
+        response = client.post("/v1/predict", files=[("image", ("a.png", small.getvalue()))] * count)
+        assert response.status_code == 413 and "at most 1" in response.json()["detail"], response.text
 
 
 def _large_png() -> bytes:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pvt_deploy import Runtime
+from pvt_deploy.runtime.config import RuntimeConfig
 from pvt_deploy.serve.settings import ServeSettings
 from tests.test_serve import EMBEDDING_COSINE_MIN, PROBABILITY_ATOL, Server, cosine_min, files, start_server
 
@@ -44,7 +45,7 @@ def ray_url(model_dir: Path) -> Iterator[str]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = ServeSettings(model_dir, device="cpu", threads=1, max_batch=8, max_wait_ms=30)
+        settings = ServeSettings(model_dir, runtime=RuntimeConfig(device="cpu", threads=1), max_batch=8, max_wait_ms=30)
         deployment = PvtDeployment.options(num_replicas=REPLICAS, ray_actor_options={"num_cpus": 0.5})
         serve.run(deployment.bind(settings), name=DEPLOYMENT_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
