@@ -135,6 +135,8 @@ def test_concurrent_giant_sixteen_bit_uploads_stay_under_2_gb(server: Server) ->
         if answer.status_code == 503:
             assert answer.headers["retry-after"] and "busy" in answer.json()["detail"]
     peak = max(max(sampled), _peak_rss(server.process.pid))
+    print(f"\n8 x {GIANT_SIDE}x{GIANT_SIDE} 16-bit PNG ({len(giant)} bytes): statuses {statuses}, "
+          f"server RSS {sampled[0] / 2**20:.0f} MB before, peak {peak / 2**20:.0f} MB")  # fmt: skip
     assert peak < RSS_LIMIT, f"server peak RSS {peak / 2**20:.0f} MB"
     assert server.process.poll() is None
     assert httpx.get(f"{server.url}/v2/health/live", timeout=30).json() == {"live": True}

@@ -88,6 +88,11 @@ def test_ray_serve_answers_like_the_single_process_server(
             EMBEDDING_COSINE_MIN
         )
 
+        # the replica's Runtime runs with the settings' batch size, threads and providers (its loaded session's)
+        runtime = on_ray.get("/v1/model").json()["runtime"]
+        assert runtime["batch_size"] == 8 and runtime["config"]["threads"] == 1
+        assert runtime["session_providers"] == ["CPUExecutionProvider"]
+
         bad = on_ray.post("/v1/predict", files=[("image", ("text.jpg", b"not an image"))])
         assert bad.status_code == 422 and bad.json()["errors"][0]["item"] == "text.jpg"
     expected = Runtime(model_dir, device="cpu").predict(photo_paths, top_k=1)
@@ -103,6 +108,14 @@ def test_serve_run_builder_reads_its_arguments(model_dir: Path) -> None:
     settings = deployment.init_args[0]
     assert deployment.num_replicas == 2
     assert settings == ServeSettings(model_dir.resolve(), max_batch=4, max_wait_ms=2.5)
+    runtime_options = {
+        "model_dir": str(model_dir),
+        "threads": "1",
+        "providers": "CPUExecutionProvider",
+        "device": "cpu",
+    }
+    settings = build_app(runtime_options)._bound_deployment.init_args[0]
+    assert settings.runtime == RuntimeConfig(device="cpu", threads=1, providers=("CPUExecutionProvider",), batch_size=8)
     with pytest.raises(ValueError, match="unknown option 'batch'"):
         build_app({"model_dir": str(model_dir), "batch": "4"})
     with pytest.raises(ValueError, match="model_dir=PATH is required"):
