@@ -125,6 +125,29 @@ def test_503_with_retry_after_when_the_queue_is_full(client: httpx.Client, photo
     assert client.post("/v1/predict", files=files(photo_paths[1:2])).status_code == 200  # room again
 
 
+def test_503_while_another_request_is_still_uploading(client: httpx.Client, photo_paths: list[Path]) -> None:
+    """Bodies being read count against --max-queue too, so the bodies held in memory are bounded by it."""
+    photo = photo_paths[5].read_bytes()
+    sent_first_part = threading.Event()
+    release = threading.Event()
+
+    def slow_body() -> Iterator[bytes]:
+        yield photo[:1000]
+        sent_first_part.set()
+        release.wait(30)
+        yield photo[1000:]
+
+    with ThreadPoolExecutor(1) as pool:
+        uploading = pool.submit(client.post, "/v1/predict", content=slow_body(), headers={"content-type": "image/jpeg"})
+        assert sent_first_part.wait(30)
+        time.sleep(0.3)  # the first request's body is being read by now
+        second = client.post("/v1/predict", files=files(photo_paths[1:2]))
+        release.set()
+        first = uploading.result()
+    assert second.status_code == 503 and "uploading" in second.json()["detail"], second.text
+    assert first.status_code == 200, first.text
+
+
 def test_sigterm_drains_in_flight_requests_then_exits_0(
     server: Server, client: httpx.Client, photo_paths: list[Path]
 ) -> None:

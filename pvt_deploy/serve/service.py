@@ -79,6 +79,7 @@ class Service:
         self.settings = settings
         self.metrics = ServeMetrics()
         self.admitted = 0
+        self.reading_bodies = 0
         self.batcher = (
             DynamicBatcher(
                 runtime,
@@ -126,6 +127,20 @@ class Service:
         finally:
             self.admitted -= count
             self.metrics.queue_depth.set(self.admitted)
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        """At most ``--max-queue`` requests read their bodies at once (503 beyond): admission counts images, which
+        are known only once a body is read, so without this the bodies in memory were bounded only by uvicorn's
+        connection cap x ``--max-body-mb``."""
+        limit = self.settings.max_queue
+        if self.reading_bodies >= limit:
+            raise busy(f"server busy: {self.reading_bodies} requests uploading (--max-queue {limit}); retry shortly")
+        self.reading_bodies += 1
+        try:
+            yield
+        finally:
+            self.reading_bodies -= 1
 
     # ----- inputs ------------------------------------------------------------------------------------------------
 
@@ -179,7 +194,8 @@ class Service:
     async def infer(self, request: Request, operation: str, *, collect: bool = False) -> Answer:
         """Read, decode and run a request's images. Bad images: 422 naming each, or (``collect``) error entries
         in the answer while the good ones are answered."""
-        uploads = await self.uploads(request)
+        async with self.reading():
+            uploads = await self.uploads(request)
         async with self.admit(len(uploads)):
             loop = asyncio.get_running_loop()
             decoded = await loop.run_in_executor(self.decoder, self.decode, uploads)
