@@ -102,6 +102,20 @@ class DecodeBudget:
                 self._changed.notify_all()
 
 
+_PROCESS_BUDGET: DecodeBudget | None = None
+_PROCESS_BUDGET_LOCK = threading.Lock()
+
+
+def process_decode_budget() -> DecodeBudget:
+    """One ``DecodeBudget`` (``DEFAULT_DECODE_BUDGET_BYTES``) for every decoder of this process that has none of
+    its own, e.g. a bulk job's decode threads (``reserve(..., timeout=None)``: they wait, never fail)."""
+    global _PROCESS_BUDGET
+    with _PROCESS_BUDGET_LOCK:
+        if _PROCESS_BUDGET is None:
+            _PROCESS_BUDGET = DecodeBudget()
+        return _PROCESS_BUDGET
+
+
 def _mb(nbytes: int) -> int:
     return round(nbytes / (1024 * 1024))
 
@@ -112,4 +126,5 @@ __all__ = [
     "DecodeBusy",
     "estimate_decoded_bytes",
     "peak_decoded_bytes",
+    "process_decode_budget",
 ]

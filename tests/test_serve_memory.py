@@ -80,6 +80,45 @@ def test_budget_refuses_what_can_never_fit_and_times_out_when_full() -> None:
         assert budget.in_use == 100
 
 
+def _ask(settings_options: dict, photo: bytes, hold_budget: bool = False) -> httpx.Response:
+    """One /v1/predict to an in-process app (ASGI transport); ``hold_budget``: the whole decoded-memory budget is
+    reserved by someone else for the duration."""
+    import asyncio
+
+    from pvt_deploy.runtime.config import RuntimeConfig
+    from pvt_deploy.serve.app import create_app
+    from pvt_deploy.serve.settings import ServeSettings
+
+    settings = ServeSettings(runtime=RuntimeConfig(device="cpu"), **settings_options)
+    app = create_app(settings.open_runtime(), settings)
+    service = app.app.app.state.service  # metrics -> limits -> FastAPI
+
+    async def ask() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve.test", timeout=60) as client:
+            return await client.post("/v1/predict", files=[("image", ("photo.png", photo))])
+
+    if not hold_budget:
+        return asyncio.run(ask())
+    with service.decode_budget.reserve(service.decode_budget.limit_bytes, timeout=0):
+        return asyncio.run(ask())
+
+
+def test_image_over_the_whole_budget_is_422_for_that_image(tiny_export_dir: Path) -> None:
+    photo = sixteen_bit_png(640, 480)  # about 3 MB at its decoding peak
+    response = _ask({"model_dir": tiny_export_dir, "max_decode_mb": 1}, photo)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["errors"]
+    assert error["item"] == "photo.png" and "over the decoded-memory limit of 1 MB" in error["reason"]
+    assert _ask({"model_dir": tiny_export_dir, "max_decode_mb": 8}, photo).status_code == 200
+
+
+def test_full_budget_is_503_with_retry_after(tiny_export_dir: Path) -> None:
+    response = _ask({"model_dir": tiny_export_dir, "decode_wait_s": 0.2}, sixteen_bit_png(64, 64), hold_budget=True)
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "1" and "decoded-memory budget full" in response.json()["detail"]
+
+
 @pytest.fixture(scope="module")
 def server(tiny_export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp("memory")
