@@ -94,6 +94,12 @@ class MissingExtraError(PvtDeployError):
     exit_code = 11
 
 
+class ServiceStartError(PvtDeployError):
+    """``serve`` cannot listen where it was told (the port is in use, the host is not an address of this machine)."""
+
+    exit_code = 13
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     OutputError.exit_code: "the output is in the way (exists without --overwrite/--force, locked, or unfinished)",
@@ -108,6 +114,7 @@ EXIT_CODES: dict[int, str] = {
     DeviceError.exit_code: "CUDA asked for but not usable",
     MissingExtraError.exit_code: "the command needs an optional extra that is not installed",
     SearchIndexError.exit_code: "search store missing or unusable",
+    ServiceStartError.exit_code: "the service cannot listen (port in use, or a host that is not this machine's)",
     130: "interrupted (Ctrl-C)",
 }
 """Every exit code the CLI uses, the one table the docs are checked against (tests/test_exit_codes.py)."""

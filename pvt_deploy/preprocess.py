@@ -257,9 +257,7 @@ def to_rgb(image: Image.Image, *, background: tuple[int, int, int] | None = None
     ``background``: composite images with alpha onto this colour instead of dropping the alpha channel."""
     mode = image.mode
     if mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image).astype(np.float64)
-        gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(sixteen_to_eight_bit(np.asarray(image)), mode="L").convert("RGB")
     if background is not None:
         has_alpha = mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info)
         if has_alpha:
@@ -271,6 +269,20 @@ def to_rgb(image: Image.Image, *, background: tuple[int, int, int] | None = None
     # Pillow warns that palette transparency "should be converted to RGBA"; dropping it is the rule here
     with _warning_filter("ignore", UserWarning):
         return image.convert("RGB")
+
+
+SIXTEEN_BIT_ROWS_PER_STEP = 256
+"""Rows converted at a time, so the working memory of the conversion is a strip, not a copy of the image."""
+
+
+def sixteen_to_eight_bit(values: np.ndarray) -> np.ndarray:
+    """16-bit samples -> uint8 ``round(v / 257)``, in integers: ``(2v + 257) // 514`` is the same value for every
+    v in 0..65535 (v / 257 is never exactly halfway), without float64 copies of an image that may be 88 Mpixel."""
+    gray = np.empty(values.shape, dtype=np.uint8)
+    for start in range(0, values.shape[0], SIXTEEN_BIT_ROWS_PER_STEP):
+        strip = values[start : start + SIXTEEN_BIT_ROWS_PER_STEP].astype(np.uint32)
+        gray[start : start + SIXTEEN_BIT_ROWS_PER_STEP] = np.minimum((2 * strip + 257) // 514, 255)
+    return gray
 
 
 def _normalize_size(size: int | Sequence[int]) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -58,14 +59,16 @@ def torch_free_env(folder: Path) -> dict[str, str]:
     return env
 
 
-def start_server(model_dir: Path, folder: Path, *options: str, env: dict[str, str] | None = None) -> Server:
-    """Start the server on a free port (``--port 0``) and wait until it is ready; torch is blocked in it."""
+def start_server(
+    model_dir: Path, folder: Path, *options: str, env: dict[str, str] | None = None, stdout: Any = subprocess.DEVNULL
+) -> Server:
+    """Start the server on a free port (``--port 0``) and wait until it is ready; torch is blocked in it.
+    (uvicorn writes its access log to ``stdout``.)"""
     folder.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pvt_deploy", "serve", str(model_dir), "--port", "0", "--device", "cpu", *options]
     process = subprocess.Popen(
-        command, env=env or torch_free_env(folder), cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+        command, env=env or torch_free_env(folder), cwd=folder, stdout=stdout, stderr=subprocess.PIPE, text=True
+    )
     server = Server(process, "")
     found = threading.Event()
 
@@ -108,7 +111,8 @@ def runtime(model_dir: Path) -> Runtime:
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(model_dir, tmp_path_factory.mktemp("server"), "--max-batch", "8", "--max-wait-ms", "30")
+    options = ("--max-batch", "8", "--max-wait-ms", "30", "--providers", "CPUExecutionProvider")
+    running = start_server(model_dir, tmp_path_factory.mktemp("server"), *options)
     yield running
     assert running.stop() == 0, "".join(running.log)
 
@@ -366,3 +370,207 @@ def test_metrics_count_routes_statuses_and_batches(client: httpx.Client, photo_p
     assert re.search(r'^pvt_request_latency_seconds_count\{route="/v1/predict"\} [1-9]', text, re.M)
     assert re.search(r"^pvt_batch_size_bucket\{le=", text, re.M)
     assert re.search(r"^pvt_queue_depth 0\.0$", text, re.M)
+
+
+# ----- every answer says what it is (issue 18) -------------------------------------------------------------------
+
+
+def _v2_infer_body(runtime: Runtime, photo: Path) -> dict:
+    tensor = runtime.preprocess([photo])
+    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(tensor.shape),
+                        "data": tensor.reshape(-1).tolist()}]}  # fmt: skip
+
+
+def test_every_answer_says_whether_the_weights_are_untrained(
+    client: httpx.Client, runtime: Runtime, photo_paths: list[Path]
+) -> None:
+    for path, params in [("/v1/predict", {}), ("/v1/classify", {}), ("/v1/embed", {}),
+                         ("/v1/features", {"format": "heatmap"})]:  # fmt: skip
+        response = client.post(path, params=params, files=files(photo_paths[:1]))
+        assert response.status_code == 200, response.text
+        assert response.json()["untrained"] is False, path
+        assert response.headers["pvt-untrained"] == "false", path
+    for path, accept in [("/v1/embed", "application/x-npy"), ("/v1/features", "*/*")]:
+        binary = client.post(path, files=files(photo_paths[:1]), headers={"accept": accept})
+        assert binary.status_code == 200 and binary.headers["pvt-untrained"] == "false", path
+    v2 = client.post(f"/v2/models/{MODEL_NAME}/infer", json=_v2_infer_body(runtime, photo_paths[0]))
+    assert v2.status_code == 200, v2.text
+    assert v2.json()["parameters"] == {"untrained": False}
+
+
+def test_untrained_folder_is_flagged_in_answers(model_dir: Path, tmp_path: Path, photo_paths: list[Path]) -> None:
+    """A folder exported with random weights: the flag is true in JSON, in the header and in v2 parameters."""
+    import asyncio
+
+    from pvt_deploy.runtime.config import RuntimeConfig
+    from pvt_deploy.serve.app import create_app
+    from pvt_deploy.serve.settings import ServeSettings
+
+    untrained_dir = Path(shutil.copytree(model_dir, tmp_path / "untrained"))
+    manifest = json.loads((untrained_dir / "manifest.json").read_text())
+    manifest["random_weights"] = True
+    (untrained_dir / "manifest.json").write_text(json.dumps(manifest))
+    settings = ServeSettings(untrained_dir, runtime=RuntimeConfig(device="cpu"))
+    runtime = settings.open_runtime()
+    app = create_app(runtime, settings)
+
+    async def ask() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve.test", timeout=60) as local:
+            predicted = await local.post("/v1/predict", files=files(photo_paths[:1]))
+            as_npy = await local.post(
+                "/v1/embed", files=files(photo_paths[:1]), headers={"accept": "application/x-npy"}
+            )
+            v2 = await local.post(f"/v2/models/{MODEL_NAME}/infer", json=_v2_infer_body(runtime, photo_paths[0]))
+            return predicted, as_npy, v2
+
+    predicted, as_npy, v2 = asyncio.run(ask())
+    assert predicted.json()["untrained"] is True and predicted.headers["pvt-untrained"] == "true"
+    assert as_npy.headers["pvt-untrained"] == "true"
+    assert v2.json()["parameters"] == {"untrained": True}
+
+
+def test_model_publishes_the_preprocessing_contract(client: httpx.Client, model_dir: Path) -> None:
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    body = client.get("/v1/model").json()
+    assert body["preprocess"] == manifest["input"]["preprocess"]
+    assert body["preprocess"]["resize"]["to"]
+
+
+def test_running_runtime_has_the_command_line_options(client: httpx.Client) -> None:
+    """``--max-batch 8 --providers CPUExecutionProvider`` reach the Runtime and its loaded session."""
+    runtime = client.get("/v1/model").json()["runtime"]
+    assert runtime["batch_size"] == 8 and runtime["config"]["batch_size"] == 8
+    assert runtime["config"]["providers"] == ["CPUExecutionProvider"]
+    assert runtime["session_providers"] == ["CPUExecutionProvider"]
+
+
+def test_v2_metadata_has_fixed_output_dims(client: httpx.Client, runtime: Runtime, photo_paths: list[Path]) -> None:
+    outputs = {o["name"]: o["shape"] for o in client.get(f"/v2/models/{MODEL_NAME}").json()["outputs"]}
+    dim = runtime.embed(photo_paths[:1]).shape[1]
+    assert outputs == {"probabilities": [-1, len(runtime.labels)], "embedding": [-1, dim]}
+
+
+def test_unknown_v2_routes_answer_the_protocol_error_shape(client: httpx.Client) -> None:
+    for method, path, status in [("GET", "/v2/no-such-route", 404), ("POST", f"/v2/models/{MODEL_NAME}/nope", 404),
+                                 ("GET", f"/v2/models/{MODEL_NAME}/infer", 405)]:  # fmt: skip
+        response = client.request(method, path)
+        assert response.status_code == status, (path, response.text)
+        assert set(response.json()) == {"error"}, response.text
+    assert set(client.get("/v1/no-such-route").json()) == {"detail"}  # /v1 keeps FastAPI's shape
+
+
+def test_wrong_model_name_is_404_after_reading_a_large_body(server: Server) -> None:
+    """The 404 comes after the body is read: a client still sending does not get an answer (and a close) in the
+    middle of its upload, which some clients report as a broken pipe instead of the 404."""
+    import socket
+
+    body = b"0" * (8 * 1024 * 1024)
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        connection.sendall(
+            b"POST /v2/models/no-such-model/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[: len(body) // 2]
+        )
+        connection.settimeout(2)
+        with pytest.raises(TimeoutError):
+            early = connection.recv(65536)  # the old server answered here, half-way through the upload
+            pytest.fail(f"answered before the body was read: {early[:200]!r}")
+        connection.settimeout(60)
+        connection.sendall(body[len(body) // 2 :])
+        answer = b""
+        while not answer.rstrip().endswith(b"}"):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404"), answer[:300]
+    assert "no-such-model" in json.loads(payload)["error"]
+
+
+def test_multipart_error_names_the_item_once(client: httpx.Client, photo_paths: list[Path]) -> None:
+    upload = [("image", ("good.png", photo_paths[0].read_bytes())), ("image", ("README.md", b"# not an image\n"))]
+    response = client.post("/v1/predict", files=upload)
+    assert response.status_code == 422
+    assert response.json()["errors"] == [
+        {"index": 1, "item": "README.md", "reason": "not an image (unknown or unsupported format)"}
+    ]
+
+
+def test_metrics_count_docs_under_their_route(client: httpx.Client) -> None:
+    assert client.get("/docs").status_code == 200
+    assert client.get("/openapi.json").status_code == 200
+    text = client.get("/metrics").text
+    assert re.search(r'^pvt_requests_total\{route="/docs",status="200"\} [1-9]', text, re.M), text
+    assert re.search(r'^pvt_requests_total\{route="/openapi.json",status="200"\} [1-9]', text, re.M), text
+
+
+def test_docs_load_no_external_url(client: httpx.Client) -> None:
+    """/docs works on an air-gapped host: Swagger UI's assets come from this server."""
+    docs = client.get("/docs").text
+    assert "SwaggerUIBundle" in docs
+    assert not re.search(r"https?:|//[a-z0-9.-]+\.[a-z]{2,}/", docs), "the docs page must load nothing external"
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", docs)
+    assert len(assets) >= 3
+    for asset in assets:
+        assert asset.startswith("/") and client.get(asset).status_code == 200, asset
+    assert client.get("/docs/assets/..%2Fpage.py").status_code == 404
+
+
+# ----- partial answers (issue 21) -----------------------------------------------------------------------------------
+
+
+def test_on_error_collect_answers_every_item_in_order(
+    client: httpx.Client, runtime: Runtime, photo_paths: list[Path]
+) -> None:
+    upload = [("image", ("a.png", photo_paths[0].read_bytes())), ("image", ("bad.jpg", b"not an image")),
+              ("image", ("c.jpg", photo_paths[5].read_bytes()))]  # fmt: skip
+    response = client.post("/v1/predict", params={"on_error": "collect", "top_k": 2}, files=upload)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["image"] for r in results] == ["a.png", "bad.jpg", "c.jpg"]
+    assert results[1] == {"image": "bad.jpg", "index": 1, "error": "not an image (unknown or unsupported format)"}
+    expected = runtime.predict([photo_paths[0], photo_paths[5]], top_k=2)
+    assert [[p["label"] for p in results[i]["predictions"]] for i in (0, 2)] == [
+        [label for label, _ in answer] for answer in expected
+    ]
+    embedded = client.post("/v1/embed", params={"on_error": "collect"}, files=upload,
+                           headers={"accept": "application/x-npy"})  # fmt: skip
+    assert embedded.status_code == 200 and embedded.headers["pvt-failed-items"] == "1"
+    array = np.load(io.BytesIO(embedded.content))
+    assert np.isnan(array[1]).all() and np.isfinite(array[[0, 2]]).all()
+    assert cosine_min(array[[0, 2]], runtime.embed([photo_paths[0], photo_paths[5]])) >= EMBEDDING_COSINE_MIN
+    all_bad = client.post("/v1/classify", params={"on_error": "collect"}, files=upload[1:2])
+    assert all_bad.status_code == 200 and "error" in all_bad.json()["results"][0]
+    assert client.post("/v1/predict", files=upload).status_code == 422  # the default stays all-or-nothing
+
+
+# ----- malformed v2 requests (issue 20 item 7) ----------------------------------------------------------------------
+
+_INPUT = {"name": "input", "datatype": "FP32", "data": [0.0]}
+MALFORMED_V2 = {
+    "shape of strings": json.dumps({"inputs": [{**_INPUT, "shape": ["abc", 3, 64, 64]}]}),
+    "shape with null": json.dumps({"inputs": [{**_INPUT, "shape": [None, 3, 64, 64]}]}),
+    "shape with a list": json.dumps({"inputs": [{**_INPUT, "shape": [[1], 3, 64, 64]}]}),
+    "shape with a huge float": json.dumps({"inputs": [{**_INPUT, "shape": [1e308, 3, 64, 64]}]}),
+    "shape with a boolean": json.dumps({"inputs": [{**_INPUT, "shape": [True, 3, 64, 64]}]}),
+    "parameters not an object": json.dumps({"inputs": [{**_INPUT, "shape": [1, 3, 64, 64]}], "parameters": "x"}),
+    "a list as the body": json.dumps([{"inputs": []}]),
+    "nested 100,000 deep": "[" * 100_000 + "]" * 100_000,
+    "inputs nested deep": '{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    "data of strings": json.dumps({"inputs": [{**_INPUT, "shape": [1, 3, 64, 64], "data": ["x"] * 12288}]}),
+    "ragged data": json.dumps({"inputs": [{**_INPUT, "shape": [1, 3, 64, 64], "data": [[1.0], [1.0, 2.0]]}]}),
+    "huge batch dim": json.dumps({"inputs": [{**_INPUT, "shape": [10**15, 3, 64, 64]}]}),
+    "outputs not a list": json.dumps({"inputs": [{**_INPUT, "shape": [1, 3, 64, 64]}], "outputs": {"name": "x"}}),
+    "not JSON": "{inputs",
+}
+
+
+@pytest.mark.parametrize("body", list(MALFORMED_V2.values()), ids=list(MALFORMED_V2))
+def test_malformed_v2_request_is_400_with_the_protocol_error(client: httpx.Client, body: str) -> None:
+    response = client.post(f"/v2/models/{MODEL_NAME}/infer", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert set(response.json()) == {"error"} and response.json()["error"]
+    assert client.get("/v2/health/live").status_code == 200

@@ -14,8 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
+from pvt_deploy.runtime.config import RuntimeConfig
 from pvt_deploy.serve.app import create_app
-from pvt_deploy.serve.runtime_loading import open_runtime
 from pvt_deploy.serve.settings import ServeSettings
 from tests.fixtures.exported import export_tiny
 from tests.test_serve import PROBABILITY_ATOL, files
@@ -27,8 +27,10 @@ def int8_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 async def _answers(model_dir: Path, precision: str, photos: list[Path]) -> tuple[np.ndarray, np.ndarray, int]:
-    settings = ServeSettings(model_dir, device="cpu", precision=precision, max_batch=8, max_wait_ms=50)
-    app = create_app(open_runtime(settings), settings)
+    settings = ServeSettings(
+        model_dir, runtime=RuntimeConfig(device="cpu", precision=precision), max_batch=8, max_wait_ms=50
+    )
+    app = create_app(settings.open_runtime(), settings)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://serve.test", timeout=60) as client:
 

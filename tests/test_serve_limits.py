@@ -71,6 +71,15 @@ def test_401_without_the_bearer_token(server: Server, photo_paths: list[Path]) -
         assert '<div id="key-row" >' in anonymous.get("/").text  # the key field is shown
 
 
+def test_non_ascii_bearer_token_is_401(server: Server, photo_paths: list[Path]) -> None:
+    """Compared as bytes: a token that is not ASCII is a wrong key (401), never a 500."""
+    with httpx.Client(base_url=server.url, timeout=60) as anonymous:
+        for token in ("Bearer k\u00e9y".encode(), b"Bearer \xff\xfe", "Bearer s3cret-tok\u00e9n".encode()):
+            response = anonymous.post("/v1/predict", files=files(photo_paths[5:6]), headers={"authorization": token})
+            assert response.status_code == 401, (token, response.text)
+    assert server.process.poll() is None
+
+
 def test_413_over_the_body_cap(client: httpx.Client) -> None:
     too_big = b"\0" * int(MAX_BODY_MB * 1024 * 1024 + 1)
     response = client.post("/v1/predict", content=too_big, headers={"content-type": "image/png"})
@@ -89,8 +98,9 @@ def test_413_over_the_body_cap(client: httpx.Client) -> None:
 def test_413_for_more_images_than_the_queue_holds(client: httpx.Client) -> None:
     small = io.BytesIO()
     Image.new("RGB", (40, 40), (120, 160, 90)).save(small, format="PNG")
-    response = client.post("/v1/predict", files=[("image", ("a.png", small.getvalue()))] * 2)
-    assert response.status_code == 413 and "at most 1" in response.json()["detail"]
+    for count in (2, 5):  # one over the queue, and well over it (the form parser's own file limit)
+        response = client.post("/v1/predict", files=[("image", ("a.png", small.getvalue()))] * count)
+        assert response.status_code == 413 and "at most 1" in response.json()["detail"], response.text
 
 
 def _large_png() -> bytes:
@@ -113,6 +123,29 @@ def test_503_with_retry_after_when_the_queue_is_full(client: httpx.Client, photo
     refused = next(a for a in answers if a.status_code == 503)
     assert int(refused.headers["retry-after"]) >= 1 and "--max-queue 1" in refused.json()["detail"]
     assert client.post("/v1/predict", files=files(photo_paths[1:2])).status_code == 200  # room again
+
+
+def test_503_while_another_request_is_still_uploading(client: httpx.Client, photo_paths: list[Path]) -> None:
+    """Bodies being read count against --max-queue too, so the bodies held in memory are bounded by it."""
+    photo = photo_paths[5].read_bytes()
+    sent_first_part = threading.Event()
+    release = threading.Event()
+
+    def slow_body() -> Iterator[bytes]:
+        yield photo[:1000]
+        sent_first_part.set()
+        release.wait(30)
+        yield photo[1000:]
+
+    with ThreadPoolExecutor(1) as pool:
+        uploading = pool.submit(client.post, "/v1/predict", content=slow_body(), headers={"content-type": "image/jpeg"})
+        assert sent_first_part.wait(30)
+        time.sleep(0.3)  # the first request's body is being read by now
+        second = client.post("/v1/predict", files=files(photo_paths[1:2]))
+        release.set()
+        first = uploading.result()
+    assert second.status_code == 503 and "uploading" in second.json()["detail"], second.text
+    assert first.status_code == 200, first.text
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pvt_deploy import Runtime
+from pvt_deploy.runtime.config import RuntimeConfig
 from pvt_deploy.serve.settings import ServeSettings
 from tests.test_serve import EMBEDDING_COSINE_MIN, PROBABILITY_ATOL, Server, cosine_min, files, start_server
 
@@ -44,7 +45,7 @@ def ray_url(model_dir: Path) -> Iterator[str]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = ServeSettings(model_dir, device="cpu", threads=1, max_batch=8, max_wait_ms=30)
+        settings = ServeSettings(model_dir, runtime=RuntimeConfig(device="cpu", threads=1), max_batch=8, max_wait_ms=30)
         deployment = PvtDeployment.options(num_replicas=REPLICAS, ray_actor_options={"num_cpus": 0.5})
         serve.run(deployment.bind(settings), name=DEPLOYMENT_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
@@ -87,6 +88,11 @@ def test_ray_serve_answers_like_the_single_process_server(
             EMBEDDING_COSINE_MIN
         )
 
+        # the replica's Runtime runs with the settings' batch size, threads and providers (its loaded session's)
+        runtime = on_ray.get("/v1/model").json()["runtime"]
+        assert runtime["batch_size"] == 8 and runtime["config"]["threads"] == 1
+        assert runtime["session_providers"] == ["CPUExecutionProvider"]
+
         bad = on_ray.post("/v1/predict", files=[("image", ("text.jpg", b"not an image"))])
         assert bad.status_code == 422 and bad.json()["errors"][0]["item"] == "text.jpg"
     expected = Runtime(model_dir, device="cpu").predict(photo_paths, top_k=1)
@@ -102,6 +108,14 @@ def test_serve_run_builder_reads_its_arguments(model_dir: Path) -> None:
     settings = deployment.init_args[0]
     assert deployment.num_replicas == 2
     assert settings == ServeSettings(model_dir.resolve(), max_batch=4, max_wait_ms=2.5)
+    runtime_options = {
+        "model_dir": str(model_dir),
+        "threads": "1",
+        "providers": "CPUExecutionProvider",
+        "device": "cpu",
+    }
+    settings = build_app(runtime_options)._bound_deployment.init_args[0]
+    assert settings.runtime == RuntimeConfig(device="cpu", threads=1, providers=("CPUExecutionProvider",), batch_size=8)
     with pytest.raises(ValueError, match="unknown option 'batch'"):
         build_app({"model_dir": str(model_dir), "batch": "4"})
     with pytest.raises(ValueError, match="model_dir=PATH is required"):

@@ -1,24 +1,30 @@
 """``pvt-deploy serve``: the HTTP inference service (uvicorn in this process, or Ray Serve replicas).
 
-Exit codes: 0 after a clean stop (SIGTERM drains in-flight requests first); 2 bad options (click, or
-``--api-key-env`` naming an unset variable); 5 (``ModelDirError``) the folder is missing or fails its checksums;
-10 (``DeviceError``) CUDA was asked for and is not usable.
+Exit codes: 0 after a clean stop (SIGTERM drains in-flight requests first); 2 bad options (click, ``--threads``
+above the CPU bound, or ``--api-key-env`` naming an unset variable); 5 (``ModelDirError``) the folder is missing or
+fails its checksums; 10 (``DeviceError``) CUDA was asked for and is not usable; 13 (``ServiceStartError``) the
+address cannot be listened on (port in use, bad host), checked before the model is loaded.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import signal
+import socket
 from pathlib import Path
 
 import click
 
 from pvt_deploy.cli import missing_extra
+from pvt_deploy.errors import ServiceStartError
+from pvt_deploy.runtime.config import RuntimeConfig
 from pvt_deploy.runtime.sessions import DEVICES
-from pvt_deploy.serve.settings import ServeSettings
+from pvt_deploy.serve.settings import ServeError, ServeSettings
 
 GRACEFUL_SHUTDOWN_S = 30
 """How long SIGTERM waits for in-flight requests before closing their connections."""
+
+SERVE_MODULES = ("fastapi", "uvicorn", "httptools", "multipart", "prometheus_client", "swagger_ui_bundle")
 
 
 @click.command()
@@ -26,16 +32,24 @@ GRACEFUL_SHUTDOWN_S = 30
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--providers", default=None, metavar="NAME[,NAME]",
+              help="onnxruntime execution providers in order (overrides --device).")  # fmt: skip
 @click.option("--precision", default="fp32", show_default=True, help="An exported precision (fp32, int8...).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Most images gathered into one model call.")  # fmt: skip
+              help="Most images gathered into one model call (the Runtime's batch size).")  # fmt: skip
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="Longest a request waits for others to share its batch.")  # fmt: skip
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=32.0, show_default=True,
               help="Larger request bodies get 413.")  # fmt: skip
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images admitted at once; beyond that, 503 with Retry-After.")  # fmt: skip
+@click.option("--max-decode-mb", type=click.FloatRange(min=1), default=1024.0, show_default=True,
+              help="Decoded image memory in flight; beyond it decodes wait, then 503.")  # fmt: skip
+@click.option("--header-timeout-s", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="A connection that has not sent complete headers by then is closed.")  # fmt: skip
+@click.option("--body-timeout-s", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              help="A request whose body has not arrived this long after its headers is closed.")  # fmt: skip
 @click.option("--api-key-env", metavar="VAR", default=None,
               help="Require 'Authorization: Bearer <key>', the key read from environment variable VAR.")  # fmt: skip
 @click.option("--ray", "use_ray", is_flag=True, help="Deploy on Ray Serve instead of one uvicorn process.")
@@ -47,12 +61,16 @@ def serve(
     host: str,
     port: int,
     device: str,
+    providers: str | None,
     precision: str,
     threads: int | None,
     max_batch: int,
     max_wait_ms: float,
     max_body_mb: float,
     max_queue: int,
+    max_decode_mb: float,
+    header_timeout_s: float,
+    body_timeout_s: float,
     api_key_env: str | None,
     use_ray: bool,
     address: str | None,
@@ -61,25 +79,64 @@ def serve(
     """Serve MODEL_DIR over HTTP: /v1 JSON endpoints, KServe v2 /v2, /metrics, a web page at /, docs at /docs."""
     if not use_ray and (address is not None or replicas != 1):
         raise click.UsageError("--address and --replicas need --ray")
+    try:
+        runtime = RuntimeConfig(
+            device=device,
+            precision=precision,
+            threads=threads,
+            batch_size=max_batch,
+            providers=tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None,
+        )
+    except ValueError as exc:
+        raise ServeError(f"{_option_of(str(exc))}{exc}") from None
     settings = ServeSettings(
         model_dir=model_dir,
-        device=device,
-        precision=precision,
-        threads=threads,
+        runtime=runtime,
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
         max_body_mb=max_body_mb,
         max_queue=max_queue,
+        max_decode_mb=max_decode_mb,
+        header_timeout_s=header_timeout_s,
+        body_timeout_s=body_timeout_s,
         api_key=ServeSettings.api_key_from_env(api_key_env),
     )
-    _require(("fastapi", "uvicorn", "multipart", "prometheus_client"))
+    _require(SERVE_MODULES)
+    listener = bind_listener(host, port)  # before the model loads: a busy port costs no load and says so
     if use_ray:
         _require(("ray",))
+        listener.close()  # Ray Serve's proxy binds it itself
         from pvt_deploy.serve.ray_app import run_on_ray
 
         run_on_ray(settings, host=host, port=port, address=address, replicas=replicas)
         return
-    _serve_locally(settings, host, port)
+    _serve_locally(settings, listener, host)
+
+
+def _option_of(message: str) -> str:
+    field = message.split(" ", 1)[0]
+    option = {"threads": "--threads", "providers": "--providers", "batch_size": "--max-batch"}.get(field)
+    return f"{option}: " if option else ""
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (uvicorn listens on it), or one ``ServiceStartError`` line saying why not."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ServiceStartError(f"--host {host}: not a usable address ({exc})") from None
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+    except OSError as exc:
+        listener.close()
+        reason = exc.strerror or str(exc)
+        raise ServiceStartError(f"cannot listen on {host}:{port}: {reason}") from None
+    listener.set_inheritable(True)
+    return listener
 
 
 def _require(modules: tuple[str, ...]) -> None:
@@ -93,23 +150,33 @@ def _require(modules: tuple[str, ...]) -> None:
             raise missing_extra("serve", ModuleNotFoundError(f"No module named {module!r}", name=module))
 
 
-def _serve_locally(settings: ServeSettings, host: str, port: int) -> None:
+def _serve_locally(settings: ServeSettings, listener: socket.socket, host: str) -> None:
     import uvicorn
 
     from pvt_deploy.serve.app import create_app
-    from pvt_deploy.serve.runtime_loading import open_runtime
+    from pvt_deploy.serve.protocol import DeadlineHttpToolsProtocol, install_access_log_filter
 
-    runtime = open_runtime(settings)
+    runtime = settings.open_runtime()
     app = create_app(runtime, settings)
     config = uvicorn.Config(
         app,
         host=host,
-        port=port,
+        port=listener.getsockname()[1],
+        http=DeadlineHttpToolsProtocol.configure(settings.header_timeout_s, settings.body_timeout_s),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         # a backstop above --max-queue: connections beyond it get uvicorn's own 503 before any body is read
+        # (health probes excepted, see protocol.py)
         limit_concurrency=4 * settings.max_queue + 64,
         log_level="info",
     )
+    install_access_log_filter()
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if sockets and not self.should_exit:  # uvicorn logs "running on" only for sockets it bound itself
+                self._log_started_message(sockets)
+
     # uvicorn re-raises the SIGTERM it handled once it has drained; a no-op handler makes that a clean exit 0
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.Server(config).run()
+    Server(config).run(sockets=[listener])

@@ -170,6 +170,8 @@ class Runtime:
             "precision": self.precision,
             "device": self.active_device,
             "providers": self.providers,
+            "random_weights": self.manifest.random_weights,
+            "preprocess": (self.manifest.raw.get("input") or {}).get("preprocess"),
             "graphs": {
                 graph: {"file": entry.file, "outputs": list(entry.output_names)}
                 for graph in self.graphs

@@ -9,7 +9,8 @@ from typing import Any
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
-OPEN_PATHS = ("/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/metrics", "/v2", "/favicon.ico")
+OPEN_PATHS = ("/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/metrics", "/v2", "/favicon.ico")
+OPEN_PREFIXES = ("/v2/health/", "/docs/assets/")
 """Reachable without the API key: the page (it asks for the key), the docs, Prometheus, and the health probes."""
 
 
@@ -36,7 +37,7 @@ class LimitsMiddleware:
     def __init__(self, app: Any, max_body_bytes: int, api_key: str | None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.api_key = api_key
+        self.api_key = None if api_key is None else api_key.encode("utf-8")
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -79,12 +80,13 @@ class LimitsMiddleware:
 
     @staticmethod
     def _is_open(path: str) -> bool:
-        return path in OPEN_PATHS or path.startswith("/v2/health/")
+        return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
     def _authorized(self, scope: Scope) -> bool:
         assert self.api_key is not None
         for name, value in scope.get("headers", []):
             if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), self.api_key)
+                # bytes, not str: compare_digest refuses non-ASCII str (a 500), and any byte sequence is a token
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.api_key)
         return False

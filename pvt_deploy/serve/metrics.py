@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import BaseRoute, Match
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -33,11 +37,14 @@ class ServeMetrics:
 
 
 class MetricsMiddleware:
-    """Times every HTTP request and counts it under its route template (``/v2/models/{name}/infer``)."""
+    """Times every HTTP request and counts it under its route template (``/v2/models/{name}/infer``): the one
+    routing set, or (plain Starlette routes such as ``/openapi.json``, and requests answered before routing, such
+    as a 401) the first of ``routes()`` that matches; ``unmatched`` only when no route does."""
 
-    def __init__(self, app: Any, metrics: ServeMetrics) -> None:
+    def __init__(self, app: Any, metrics: ServeMetrics, routes: Callable[[], Sequence[BaseRoute]] = tuple) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -55,7 +62,29 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, tracking_send)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or ("/" if scope["path"] == "/" else "unmatched")
+            template = self._template(scope)
             self.metrics.requests.labels(template, str(status)).inc()
             self.metrics.latency.labels(template).observe(time.perf_counter() - started)
+
+    def _template(self, scope: dict[str, Any]) -> str:
+        path = getattr(scope.get("route"), "path", None)
+        if path:
+            return path
+        for route in self.routes():
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return getattr(route, "path", None) or "unmatched"
+        return "unmatched"
+
+
+router = APIRouter(include_in_schema=False)
+
+
+def registry_of(request: Request) -> CollectorRegistry:
+    """The app's metrics registry (``app.state.service.metrics``), for ``Depends``."""
+    return request.app.state.service.metrics.registry
+
+
+@router.get("/metrics")
+async def metrics(registry: Annotated[CollectorRegistry, Depends(registry_of)]) -> Response:
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

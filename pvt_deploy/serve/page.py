@@ -1,9 +1,23 @@
 """The page at ``/``: drop or pick a photo; see it, the top-5 labels with probability bars, and each stage's
-feature map as a heatmap over the photo. One self-contained HTML document (no external assets: works offline)."""
+feature map as a heatmap over the photo. One self-contained HTML document (no external assets: works offline).
+
+Also the API docs at ``/docs``: Swagger UI with its assets served from the ``swagger-ui-bundle`` package, not a
+CDN, so the docs work on an air-gapped host too."""
 
 from __future__ import annotations
 
 import html
+from functools import cache
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import FileResponse, HTMLResponse
+
+from pvt_deploy.serve.service import ServiceDep
+
+DOCS_ASSETS = "/docs/assets"
+SWAGGER_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
 
 _PAGE = """<!doctype html>
 <html lang="en">
@@ -190,3 +204,45 @@ def render_page(model_name: str, *, needs_key: bool, untrained: bool) -> str:
         .replace("__KEY_HIDDEN__", "" if needs_key else "hidden")
         .replace("__UNTRAINED__", UNTRAINED_NOTE if untrained else "")
     )
+
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/", response_class=HTMLResponse)
+async def page(service: ServiceDep) -> HTMLResponse:
+    return HTMLResponse(
+        render_page(service.model_name, needs_key=service.api_key is not None, untrained=service.untrained)
+    )
+
+
+@router.get("/docs", response_class=HTMLResponse)
+async def api_docs(service: ServiceDep) -> HTMLResponse:
+    return get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title=f"pvt-deploy: {service.model_name}",
+        swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+        swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        oauth2_redirect_url="/docs/oauth2-redirect",
+        swagger_ui_parameters={"validatorUrl": None},  # the default validator badge is fetched from swagger.io
+    )
+
+
+@router.get("/docs/oauth2-redirect", response_class=HTMLResponse)
+async def api_docs_redirect() -> HTMLResponse:
+    return get_swagger_ui_oauth2_redirect_html()
+
+
+@router.get(DOCS_ASSETS + "/{name}")
+async def api_docs_asset(name: str) -> FileResponse:
+    if name not in SWAGGER_ASSETS:
+        raise HTTPException(404, f"no docs asset {name!r}")
+    return FileResponse(_swagger_dir() / name, headers={"Cache-Control": "public, max-age=86400"})
+
+
+@cache
+def _swagger_dir() -> Path:
+    from swagger_ui_bundle import swagger_ui_path
+
+    return Path(str(swagger_ui_path))

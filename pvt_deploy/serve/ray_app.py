@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ray import serve
 
+from pvt_deploy.runtime.config import RuntimeConfig
 from pvt_deploy.serve.batching import Outputs, run_grouped
 from pvt_deploy.serve.settings import ServeSettings
 
@@ -30,10 +32,8 @@ class PvtDeployment:
     """One replica: a loaded ``Runtime`` plus the FastAPI app, whose backend is this replica's batch queue."""
 
     def __init__(self, settings: ServeSettings) -> None:
-        from pvt_deploy.serve.runtime_loading import open_runtime
-
         self.settings = settings
-        self.runtime = open_runtime(settings)
+        self.runtime = settings.open_runtime()
         self._batched.set_max_batch_size(settings.max_batch)
         self._batched.set_batch_wait_timeout_s(settings.max_wait_ms / 1000.0)
 
@@ -57,28 +57,41 @@ def deployment(settings: ServeSettings, replicas: int) -> Any:
 
 
 def build_app(args: dict[str, str]) -> Any:
-    """``serve run`` builder: ``model_dir=...`` plus any ServeSettings field as ``key=value``; ``replicas=N``."""
+    """``serve run`` builder: ``model_dir=...`` plus any ServeSettings or RuntimeConfig field as ``key=value``
+    (``threads=2``, ``device=cpu``, ``providers=A,B``); ``replicas=N``."""
     options = dict(args)
     replicas = int(options.pop("replicas", 1))
     model_dir = options.pop("model_dir", None)
     if model_dir is None:
         raise ValueError("serve run ... model_dir=PATH is required")
-    fields = ServeSettings.__dataclass_fields__
+    serve_fields = {f.name: f for f in fields(ServeSettings) if f.name not in ("model_dir", "runtime")}
+    runtime_fields = {f.name: f for f in fields(RuntimeConfig)}
     typed: dict[str, Any] = {}
+    runtime: dict[str, Any] = {}
     for key, value in options.items():
-        if key not in fields:
+        if key in serve_fields:
+            typed[key] = _typed(str(serve_fields[key].type), value)
+        elif key in runtime_fields:
+            runtime[key] = _typed(str(runtime_fields[key].type), value)
+        else:
             raise ValueError(f"unknown option {key!r}")
-        kind = fields[key].type
-        typed[key] = int(value) if "int" in str(kind) else float(value) if "float" in str(kind) else value
-    settings = ServeSettings(model_dir=Path(model_dir).resolve(), **typed)
+    settings = ServeSettings(model_dir=Path(model_dir).resolve(), runtime=RuntimeConfig(**runtime), **typed)
     return deployment(settings, replicas)
+
+
+def _typed(kind: str, value: str) -> Any:
+    if "tuple" in kind:
+        return tuple(part for part in value.split(",") if part)
+    if "bool" in kind:
+        return value.lower() in ("1", "true", "yes")
+    return int(value) if "int" in kind else float(value) if "float" in kind else value
 
 
 def run_on_ray(settings: ServeSettings, *, host: str, port: int, address: str | None, replicas: int) -> None:
     """Start (or join) Ray, deploy ``replicas`` replicas behind Ray Serve's HTTP proxy, and stay up until stopped."""
     import ray
 
-    settings = ServeSettings(**{**settings.__dict__, "model_dir": Path(settings.model_dir).resolve()})
+    settings = replace(settings, model_dir=Path(settings.model_dir).resolve())
     ray.init(address=address)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # replaces ray.init's handler, which exits 15
