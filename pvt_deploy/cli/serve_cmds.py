@@ -38,6 +38,11 @@ GRACEFUL_SHUTDOWN_S = 30
               help="Images admitted at once; beyond that, 503 with Retry-After.")  # fmt: skip
 @click.option("--api-key-env", metavar="VAR", default=None,
               help="Require 'Authorization: Bearer <key>', the key read from environment variable VAR.")  # fmt: skip
+# hook: gRPC and model instances (pvt_deploy/serve/grpc_service.py, instances.py)
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=None,
+              help="Also serve the Open Inference Protocol over gRPC on this port (0: a free one).")  # fmt: skip
+@click.option("--instances", type=click.IntRange(min=1), default=None,
+              help="Batches in the model at once, on shared sessions [default: CPUs // --threads].")  # fmt: skip
 @click.option("--ray", "use_ray", is_flag=True, help="Deploy on Ray Serve instead of one uvicorn process.")
 @click.option("--address", default=None, help="With --ray: the Ray cluster to join (default: start a local one).")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
@@ -54,6 +59,8 @@ def serve(
     max_body_mb: float,
     max_queue: int,
     api_key_env: str | None,
+    grpc_port: int | None,
+    instances: int | None,
     use_ray: bool,
     address: str | None,
     replicas: int,
@@ -61,6 +68,8 @@ def serve(
     """Serve MODEL_DIR over HTTP: /v1 JSON endpoints, KServe v2 /v2, /metrics, a web page at /, docs at /docs."""
     if not use_ray and (address is not None or replicas != 1):
         raise click.UsageError("--address and --replicas need --ray")
+    if use_ray and (grpc_port is not None or instances is not None):
+        raise click.UsageError("--grpc-port and --instances are for one uvicorn process, not --ray (use --replicas)")
     settings = ServeSettings(
         model_dir=model_dir,
         device=device,
@@ -71,8 +80,15 @@ def serve(
         max_body_mb=max_body_mb,
         max_queue=max_queue,
         api_key=ServeSettings.api_key_from_env(api_key_env),
+        grpc_address=f"{host}:{grpc_port}" if grpc_port is not None else None,
+        instances=instances,
     )
     _require(("fastapi", "uvicorn", "multipart", "prometheus_client"))
+    if grpc_port is not None:
+        _require(("grpc",))
+        from pvt_deploy.serve.grpc_service import check_port_free
+
+        check_port_free(host, grpc_port)
     if use_ray:
         _require(("ray",))
         from pvt_deploy.serve.ray_app import run_on_ray

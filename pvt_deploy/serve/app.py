@@ -25,7 +25,8 @@ from starlette.datastructures import UploadFile
 from pvt_deploy import __version__
 from pvt_deploy.errors import ImageError
 from pvt_deploy.runtime import Runtime
-from pvt_deploy.serve.batching import DynamicBatcher, InferenceBackend, Outputs
+from pvt_deploy.serve.batching import InferenceBackend, Outputs
+from pvt_deploy.serve.instances import batcher_for
 from pvt_deploy.serve.limits import BodyTooLarge, LimitsMiddleware
 from pvt_deploy.serve.metrics import MetricsMiddleware, ServeMetrics
 from pvt_deploy.serve.page import render_page
@@ -76,8 +77,9 @@ class Service:
         self.metrics = ServeMetrics()
         self.admitted = 0
         self.batcher = (
-            DynamicBatcher(
+            batcher_for(  # hook: --instances (pvt_deploy/serve/instances.py); one instance is DynamicBatcher
                 runtime,
+                settings.instances,
                 settings.max_batch,
                 settings.max_wait_ms,
                 on_batch=self.metrics.batch_size.observe,
@@ -225,7 +227,14 @@ def create_app(runtime: Runtime, settings: ServeSettings, backend: InferenceBack
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        grpc_server = None
+        if settings.grpc_address is not None:  # hook: --grpc-port (pvt_deploy/serve/grpc_service.py)
+            from pvt_deploy.serve.grpc_service import start_grpc_server  # grpcio only when asked for
+
+            grpc_server = await start_grpc_server(service)
         yield
+        if grpc_server is not None:
+            await grpc_server.stop()  # drains in-flight gRPC calls before the batcher closes
         await service.close()  # uvicorn calls this after SIGTERM, once in-flight requests have drained
 
     app = FastAPI(

@@ -28,6 +28,9 @@ class ServeSettings:
     max_body_mb: float = 32.0
     max_queue: int = 64
     api_key: str | None = None
+    # gRPC and model instances (pvt_deploy/serve/grpc_service.py, instances.py)
+    grpc_address: str | None = None  # "HOST:PORT" for the Open Inference Protocol over gRPC; None: HTTP only
+    instances: int | None = None  # batches in the model at once; None: from the CPU count and threads
 
     @property
     def max_body_bytes(self) -> int:
