@@ -219,11 +219,11 @@ def test_grpc_port_in_use_is_one_error_line(server: Server, model_dir: Path, tmp
     assert "Traceback" not in done.stderr
 
 
-def test_grpc_options_refused_with_ray(model_dir: Path, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "pvt_deploy", "serve", str(model_dir), "--ray", "--grpc-port", "8001"]
+def test_instances_refused_with_ray(model_dir: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "pvt_deploy", "serve", str(model_dir), "--ray", "--instances", "2"]
     done = subprocess.run(command, env=torch_free_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "--grpc-port and --instances are for one uvicorn process" in done.stderr
+    assert "--instances is for one uvicorn process; with --ray use --replicas" in done.stderr
 
 
 def test_stubs_load_beside_tritonclient() -> None:
@@ -287,3 +287,45 @@ def test_batcher_for_picks_the_pool_only_for_several_instances(runtime: Runtime)
     assert type(batcher_for(runtime, 1, 8, 5.0)) is DynamicBatcher
     pooled = batcher_for(runtime, 3, 8, 5.0)
     assert isinstance(pooled, PooledBatcher) and pooled.instances == 3
+
+
+# ----- Ray Serve's gRPC proxy ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_ray_serve_grpc_proxy_answers_like_runtime(model_dir: Path, runtime: Runtime, pixels: np.ndarray) -> None:
+    """Ray Serve's own gRPC proxy, one replica with the v2 methods: tritonclient.grpc gets Runtime's answers, and
+    the same status codes as the uvicorn server."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from pvt_deploy.serve.ray_app import DEPLOYMENT_NAME, PvtDeployment
+    from pvt_deploy.serve.ray_grpc import grpc_options
+    from pvt_deploy.serve.settings import ServeSettings
+    from tests.test_serve_ray import _free_port
+
+    http_port, grpc_port = _free_port(), _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port}, grpc_options=grpc_options(grpc_port, "::"))
+        settings = ServeSettings(model_dir, device="cpu", threads=1, max_batch=8, max_wait_ms=5, api_key=KEY)
+        deployment = PvtDeployment.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5})
+        serve.run(deployment.bind(settings), name=DEPLOYMENT_NAME, route_prefix="/")
+        key = {"authorization": f"Bearer {KEY}"}
+        with triton.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            assert client.is_server_live()
+            result = client.infer(MODEL_NAME, [input_tensor(pixels)], headers=key)
+            probabilities, embedding = runtime.classify(pixels, return_embedding=True)
+            np.testing.assert_allclose(result.as_numpy("probabilities"), probabilities, rtol=0, atol=EXACT_ATOL)
+            np.testing.assert_allclose(result.as_numpy("embedding"), embedding, rtol=0, atol=EXACT_ATOL)
+            assert client.get_model_metadata(MODEL_NAME, headers=key).inputs[0].name == "input"
+            missing_key = lambda: client.infer(MODEL_NAME, [input_tensor(pixels[:1])])  # noqa: E731
+            assert status_of(missing_key) == grpc.StatusCode.UNAUTHENTICATED
+            wrong_size = input_tensor(np.zeros((1, 3, 32, 32), dtype=np.float32))
+            wrong = lambda: client.infer(MODEL_NAME, [wrong_size], headers=key)  # noqa: E731
+            assert status_of(wrong) == grpc.StatusCode.INVALID_ARGUMENT
+            assert client.infer(MODEL_NAME, [input_tensor(pixels[:1])], headers=key).as_numpy("embedding") is not None
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -68,8 +68,8 @@ def serve(
     """Serve MODEL_DIR over HTTP: /v1 JSON endpoints, KServe v2 /v2, /metrics, a web page at /, docs at /docs."""
     if not use_ray and (address is not None or replicas != 1):
         raise click.UsageError("--address and --replicas need --ray")
-    if use_ray and (grpc_port is not None or instances is not None):
-        raise click.UsageError("--grpc-port and --instances are for one uvicorn process, not --ray (use --replicas)")
+    if use_ray and instances is not None:
+        raise click.UsageError("--instances is for one uvicorn process; with --ray use --replicas")
     settings = ServeSettings(
         model_dir=model_dir,
         device=device,
@@ -93,7 +93,7 @@ def serve(
         _require(("ray",))
         from pvt_deploy.serve.ray_app import run_on_ray
 
-        run_on_ray(settings, host=host, port=port, address=address, replicas=replicas)
+        run_on_ray(settings, host=host, port=port, address=address, replicas=replicas, grpc_port=grpc_port)
         return
     _serve_locally(settings, host, port)
 
