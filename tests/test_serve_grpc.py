@@ -131,7 +131,7 @@ def test_requested_output_only(client: triton.InferenceServerClient, runtime: Ru
     np.testing.assert_allclose(result.as_numpy("embedding"), embedding, rtol=0, atol=EXACT_ATOL)
 
 
-def test_concurrent_calls_share_batches_and_instances(
+def test_concurrent_calls_through_two_instances_equal_runtime(
     server: Server, client: triton.InferenceServerClient, runtime: Runtime, pixels: np.ndarray
 ) -> None:
     """12 concurrent one-image calls through two instances: every answer equals its own in-process answer."""
@@ -145,7 +145,8 @@ def test_concurrent_calls_share_batches_and_instances(
         answers = np.stack(list(pool.map(one, range(len(rows)))))
     np.testing.assert_allclose(answers, expected, rtol=0, atol=EXACT_ATOL)
     metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
-    assert re.search(r'pvt_grpc_requests_total\{code="OK",method="ModelInfer"\} (\d+)', metrics)
+    counted = re.search(r'pvt_grpc_requests_total\{code="OK",method="ModelInfer"\} (\S+)', metrics)
+    assert counted and float(counted.group(1)) >= len(rows)
 
 
 def test_health_and_metadata(client: triton.InferenceServerClient, runtime: Runtime) -> None:
