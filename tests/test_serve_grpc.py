@@ -220,11 +220,33 @@ def test_grpc_port_in_use_is_one_error_line(server: Server, model_dir: Path, tmp
     assert "Traceback" not in done.stderr
 
 
+def test_grpc_port_equal_to_http_port_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "pvt_deploy", "serve", str(model_dir), "--port", "8123", "--grpc-port", "8123"]
+    done = subprocess.run(command, env=torch_free_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--grpc-port must differ from --port" in done.stderr
+
+
 def test_instances_refused_with_ray(model_dir: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "pvt_deploy", "serve", str(model_dir), "--ray", "--instances", "2"]
     done = subprocess.run(command, env=torch_free_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "--instances is for one uvicorn process; with --ray use --replicas" in done.stderr
+
+
+def test_http_only_server_does_not_import_grpc(tmp_path: Path) -> None:
+    """grpcio loads only with --grpc-port: the app, the CLI and the batcher stand without it."""
+    script = (
+        "import sys\n"
+        "import pvt_deploy.serve.app, pvt_deploy.cli.serve_cmds, pvt_deploy.serve.instances\n"
+        "grpc = [m for m in sys.modules if m.split('.')[0] == 'grpc' or m.startswith('pvt_deploy.serve.protos')]\n"
+        "print(sorted(grpc))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=torch_free_env(tmp_path), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_stubs_load_beside_tritonclient() -> None:

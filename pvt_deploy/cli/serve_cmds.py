@@ -68,6 +68,8 @@ def serve(
     """Serve MODEL_DIR over HTTP: /v1 JSON endpoints, KServe v2 /v2, /metrics, a web page at /, docs at /docs."""
     if not use_ray and (address is not None or replicas != 1):
         raise click.UsageError("--address and --replicas need --ray")
+    if grpc_port is not None and grpc_port == port != 0:
+        raise click.UsageError("--grpc-port must differ from --port")
     if use_ray and instances is not None:
         raise click.UsageError("--instances is for one uvicorn process; with --ray use --replicas")
     settings = ServeSettings(
