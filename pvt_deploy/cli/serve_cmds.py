@@ -82,7 +82,7 @@ def serve(
         max_body_mb=max_body_mb,
         max_queue=max_queue,
         api_key=ServeSettings.api_key_from_env(api_key_env),
-        grpc_address=f"{host}:{grpc_port}" if grpc_port is not None else None,
+        grpc_address=None if grpc_port is None else f"[{host}]:{grpc_port}" if ":" in host else f"{host}:{grpc_port}",
         instances=instances,
     )
     _require(("fastapi", "uvicorn", "multipart", "prometheus_client"))
