@@ -65,6 +65,8 @@ DISTRIBUTION_OF = {
     "sklearn": "scikit-learn",
     "onnxruntime": "onnxruntime-gpu",
     "multipart": "python-multipart",
+    "grpc": "grpcio",
+    "google": "protobuf",  # google.protobuf: the gRPC stubs' messages
 }
 """Import name -> distribution name, where they differ (else ``_`` becomes ``-``)."""
 

@@ -52,6 +52,11 @@ SERVE_MODULES = ("fastapi", "uvicorn", "httptools", "multipart", "prometheus_cli
               help="A request whose body has not arrived this long after its headers is closed.")  # fmt: skip
 @click.option("--api-key-env", metavar="VAR", default=None,
               help="Require 'Authorization: Bearer <key>', the key read from environment variable VAR.")  # fmt: skip
+# hook: gRPC and model instances (pvt_deploy/serve/grpc_service.py, instances.py)
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=None,
+              help="Also serve the Open Inference Protocol over gRPC on this port (0: a free one).")  # fmt: skip
+@click.option("--instances", type=click.IntRange(min=1), default=None,
+              help="Batches in the model at once, on shared sessions [default: CPUs // --threads].")  # fmt: skip
 @click.option("--ray", "use_ray", is_flag=True, help="Deploy on Ray Serve instead of one uvicorn process.")
 @click.option("--address", default=None, help="With --ray: the Ray cluster to join (default: start a local one).")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
@@ -72,6 +77,8 @@ def serve(
     header_timeout_s: float,
     body_timeout_s: float,
     api_key_env: str | None,
+    grpc_port: int | None,
+    instances: int | None,
     use_ray: bool,
     address: str | None,
     replicas: int,
@@ -79,6 +86,10 @@ def serve(
     """Serve MODEL_DIR over HTTP: /v1 JSON endpoints, KServe v2 /v2, /metrics, a web page at /, docs at /docs."""
     if not use_ray and (address is not None or replicas != 1):
         raise click.UsageError("--address and --replicas need --ray")
+    if grpc_port is not None and grpc_port == port != 0:
+        raise click.UsageError("--grpc-port must differ from --port")
+    if use_ray and instances is not None:
+        raise click.UsageError("--instances is for one uvicorn process; with --ray use --replicas")
     try:
         runtime = RuntimeConfig(
             device=device,
@@ -100,15 +111,22 @@ def serve(
         header_timeout_s=header_timeout_s,
         body_timeout_s=body_timeout_s,
         api_key=ServeSettings.api_key_from_env(api_key_env),
+        grpc_address=None if grpc_port is None else f"[{host}]:{grpc_port}" if ":" in host else f"{host}:{grpc_port}",
+        instances=instances,
     )
     _require(SERVE_MODULES)
+    if grpc_port is not None:
+        _require(("grpc",))
+        from pvt_deploy.serve.grpc_service import check_port_free
+
+        check_port_free(host, grpc_port)
     listener = bind_listener(host, port)  # before the model loads: a busy port costs no load and says so
     if use_ray:
         _require(("ray",))
         listener.close()  # Ray Serve's proxy binds it itself
         from pvt_deploy.serve.ray_app import run_on_ray
 
-        run_on_ray(settings, host=host, port=port, address=address, replicas=replicas)
+        run_on_ray(settings, host=host, port=port, address=address, replicas=replicas, grpc_port=grpc_port)
         return
     _serve_locally(settings, listener, host)
 

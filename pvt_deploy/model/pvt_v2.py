@@ -365,4 +365,3 @@ def create_model(
         layer_norm_eps=layer_norm_eps,
         network=network,
     )
-

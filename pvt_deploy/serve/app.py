@@ -29,7 +29,14 @@ def create_app(runtime: Runtime, settings: ServeSettings, backend: InferenceBack
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        grpc_server = None
+        if settings.grpc_address is not None:
+            from pvt_deploy.serve.grpc_service import start_grpc_server  # grpcio only when asked for
+
+            grpc_server = await start_grpc_server(service)
         yield
+        if grpc_server is not None:
+            await grpc_server.stop()  # drains in-flight gRPC calls before the batcher closes
         await service.close()  # uvicorn calls this after SIGTERM, once in-flight requests have drained
 
     app = FastAPI(

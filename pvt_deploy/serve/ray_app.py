@@ -17,6 +17,7 @@ from ray import serve
 
 from pvt_deploy.runtime.config import RuntimeConfig
 from pvt_deploy.serve.batching import Outputs, run_grouped
+from pvt_deploy.serve.ray_grpc import RayGrpcMethods, grpc_options
 from pvt_deploy.serve.settings import ServeSettings
 
 DEPLOYMENT_NAME = "pvt_deploy"
@@ -28,7 +29,7 @@ def _rows_in(requests: list[tuple[str, np.ndarray]]) -> int:
 
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress()
-class PvtDeployment:
+class PvtDeployment(RayGrpcMethods):  # hook: the v2 gRPC methods for Ray's gRPC proxy (ray_grpc.py)
     """One replica: a loaded ``Runtime`` plus the FastAPI app, whose backend is this replica's batch queue."""
 
     def __init__(self, settings: ServeSettings) -> None:
@@ -40,7 +41,7 @@ class PvtDeployment:
     def __serve_build_asgi_app__(self) -> Any:
         from pvt_deploy.serve.app import create_app
 
-        return create_app(self.runtime, self.settings, backend=self)
+        return self._bind_grpc(create_app(self.runtime, self.settings, backend=self))  # hook: gRPC over its Service
 
     async def run(self, operation: str, rows: np.ndarray) -> Outputs:
         return await self._batched((operation, rows))
@@ -87,16 +88,23 @@ def _typed(kind: str, value: str) -> Any:
     return int(value) if "int" in kind else float(value) if "float" in kind else value
 
 
-def run_on_ray(settings: ServeSettings, *, host: str, port: int, address: str | None, replicas: int) -> None:
-    """Start (or join) Ray, deploy ``replicas`` replicas behind Ray Serve's HTTP proxy, and stay up until stopped."""
+def run_on_ray(
+    settings: ServeSettings, *, host: str, port: int, address: str | None, replicas: int, grpc_port: int | None = None
+) -> None:
+    """Start (or join) Ray, deploy ``replicas`` replicas behind Ray Serve's HTTP proxy (and its gRPC proxy on
+    ``grpc_port``), and stay up until stopped."""
     import ray
 
-    settings = replace(settings, model_dir=Path(settings.model_dir).resolve())
+    # replicas never start a gRPC server of their own: Ray's proxy serves gRPC
+    settings = replace(settings, model_dir=Path(settings.model_dir).resolve(), grpc_address=None)
     ray.init(address=address)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # replaces ray.init's handler, which exits 15
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(
+            http_options={"host": host, "port": port},
+            grpc_options=grpc_options(grpc_port, host) if grpc_port is not None else None,  # hook: gRPC on Ray
+        )
         serve.run(deployment(settings, replicas), name=DEPLOYMENT_NAME, route_prefix="/")
         while not stop.wait(1.0):
             pass

@@ -25,7 +25,8 @@ from pvt_deploy import __version__
 from pvt_deploy.decode_budget import DecodeBudget, estimate_decoded_bytes
 from pvt_deploy.errors import ImageError
 from pvt_deploy.runtime import Runtime
-from pvt_deploy.serve.batching import DynamicBatcher, InferenceBackend, Outputs
+from pvt_deploy.serve.batching import InferenceBackend, Outputs
+from pvt_deploy.serve.instances import batcher_for
 from pvt_deploy.serve.metrics import ServeMetrics
 from pvt_deploy.serve.problems import HTTPProblem, busy
 from pvt_deploy.serve.settings import ServeSettings
@@ -81,8 +82,9 @@ class Service:
         self.admitted = 0
         self.reading_bodies = 0
         self.batcher = (
-            DynamicBatcher(
+            batcher_for(  # --instances: several batches in the model at once (instances.py)
                 runtime,
+                settings.instances,
                 settings.max_batch,
                 settings.max_wait_ms,
                 on_batch=self.metrics.batch_size.observe,

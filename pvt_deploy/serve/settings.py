@@ -46,6 +46,9 @@ class ServeSettings:
     body_timeout_s: float = 120.0
     """... and its body this long after the headers."""
     api_key: str | None = None
+    # gRPC and model instances (pvt_deploy/serve/grpc_service.py, instances.py)
+    grpc_address: str | None = None  # "HOST:PORT" for the Open Inference Protocol over gRPC; None: HTTP only
+    instances: int | None = None  # batches in the model at once; None: from the CPU count and threads
 
     def __post_init__(self) -> None:
         if self.runtime.batch_size is None:
