@@ -323,6 +323,7 @@ def test_ray_serve_grpc_proxy_answers_like_runtime(model_dir: Path, runtime: Run
     ray = pytest.importorskip("ray")
     from ray import serve
 
+    from pvt_deploy.runtime.config import RuntimeConfig
     from pvt_deploy.serve.ray_app import DEPLOYMENT_NAME, PvtDeployment
     from pvt_deploy.serve.ray_grpc import grpc_options
     from pvt_deploy.serve.settings import ServeSettings
@@ -332,7 +333,8 @@ def test_ray_serve_grpc_proxy_answers_like_runtime(model_dir: Path, runtime: Run
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port}, grpc_options=grpc_options(grpc_port, "::"))
-        settings = ServeSettings(model_dir, device="cpu", threads=1, max_batch=8, max_wait_ms=5, api_key=KEY)
+        config = RuntimeConfig(device="cpu", threads=1, batch_size=8)
+        settings = ServeSettings(model_dir, runtime=config, max_batch=8, max_wait_ms=5, api_key=KEY)
         deployment = PvtDeployment.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5})
         serve.run(deployment.bind(settings), name=DEPLOYMENT_NAME, route_prefix="/")
         key = {"authorization": f"Bearer {KEY}"}
