@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from pvt_deploy.bench.machine import cpu_line, machine_info
-from pvt_deploy.manifest import read_manifest
+from pvt_deploy.format.manifest import load_manifest
 from pvt_deploy.runtime import Runtime
 from pvt_deploy.runtime.sessions import session_options
 
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    manifest = read_manifest(args.model_dir)
+    manifest = load_manifest(args.model_dir).to_json()
     runtime = Runtime(args.model_dir, device="cpu")
     photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     batch = runtime.preprocess(photos)

@@ -31,7 +31,7 @@ def _one(mode: str, model: Path, files: list[Path], threads: int = 2) -> dict[st
     import numpy as np
     import onnxruntime as ort
 
-    from pvt_deploy.manifest import sha256_file
+    from pvt_deploy.files import sha256_file
 
     begin = time.perf_counter()
     for path in files:

@@ -81,6 +81,13 @@ class SearchIndexError(PvtDeployError):
     exit_code = 12
 
 
+class InferenceError(PvtDeployError):
+    """onnxruntime failed to run a graph or to allocate its memory (a graph that expands beyond memory, an input
+    the graph cannot take). Exits like a bad model folder: the folder's graph is what could not run."""
+
+    exit_code = 5
+
+
 class MissingExtraError(PvtDeployError):
     """A command needs an optional extra (torch for export, psutil for bench, ...) that is not installed."""
 
@@ -93,7 +100,7 @@ EXIT_CODES: dict[int, str] = {
     CheckpointError.exit_code: "bad checkpoint, or bad command-line usage",
     DownloadError.exit_code: "download failed",
     ImageError.exit_code: "some inputs failed (each named on stderr; the rest are answered)",
-    ModelDirError.exit_code: "model folder missing, invalid or failing its checksums",
+    ModelDirError.exit_code: "model folder missing, invalid or failing its checksums, or its graph failed to run",
     ExportError.exit_code: "export failed",
     VerificationError.exit_code: "a verify threshold failed",
     DatasetError.exit_code: "training data unusable",

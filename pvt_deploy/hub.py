@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from pvt_deploy.errors import CheckpointError, DownloadError
-from pvt_deploy.manifest import sha256_file as sha256_of  # the one sha256 helper
+from pvt_deploy.files import sha256_file as sha256_of  # the one sha256 helper
 from pvt_deploy.staging import clean_stale_staging, describe_removed, staging_path
 
 CACHE_ENV = "PVT_DEPLOY_CACHE"

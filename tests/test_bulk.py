@@ -23,6 +23,7 @@ from click.testing import CliRunner, Result
 from pvt_deploy import Runtime
 from pvt_deploy.cli import cli
 from pvt_deploy.errors import ImageError, OutputError
+from pvt_deploy.files import OutputLock
 from pvt_deploy.jobs import (
     JobEvents,
     JobInterrupted,
@@ -33,7 +34,6 @@ from pvt_deploy.jobs import (
     run_job,
 )
 from pvt_deploy.jobs.store import partial_dir
-from pvt_deploy.staging import OutputLock
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ from PIL import Image
 from pvt_deploy import Runtime
 from pvt_deploy.cli import cli
 from pvt_deploy.errors import ImageError, ModelDirError
-from pvt_deploy.manifest import MANIFEST_NAME, sha256_file
+from pvt_deploy.format.manifest import MANIFEST_NAME, sha256_file
 
 onnx = pytest.importorskip("onnx")
 
@@ -224,7 +224,7 @@ def test_runtime_uses_the_manifest_outputs_of_a_three_stage_features_graph(
         ("graph-not-in-files", "is not listed \\(with its sha256\\)"),
         ("no-input-section", "no 'input' section"),
         ("files-is-a-list", "'files' must map"),
-        ("graph-entry-is-a-number", "needs a 'file'"),
+        ("graph-entry-is-a-number", "must be \\{'file'"),
         ("labels-disagree-with-classes", "labels for 10 classes"),
     ],
 )

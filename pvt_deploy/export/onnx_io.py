@@ -21,7 +21,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from pvt_deploy.errors import ExportError
-from pvt_deploy.manifest import GRAPH_OUTPUTS, INPUT_NAME
+from pvt_deploy.format.manifest import GRAPH_OUTPUTS, INPUT_NAME
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_EXPORTER = "torchscript"

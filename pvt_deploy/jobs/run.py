@@ -19,10 +19,11 @@ import numpy as np
 
 from pvt_deploy import __version__
 from pvt_deploy.errors import OutputError, PvtDeployError
+from pvt_deploy.files import OutputLock
 from pvt_deploy.jobs.store import JobStore, Part, inputs_digest, output_format, read_run_info
 from pvt_deploy.jobs.tasks import JobSpec, compute_part, model_identity
 from pvt_deploy.runtime import Runtime
-from pvt_deploy.staging import OutputLock, clean_stale_staging, describe_removed
+from pvt_deploy.staging import clean_stale_staging, describe_removed
 
 DEFAULT_CHUNK_SIZE = 64
 ENGINES = ("local", "ray")

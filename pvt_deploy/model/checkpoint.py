@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from pvt_deploy.errors import CheckpointError
-from pvt_deploy.manifest import sha256_file
+from pvt_deploy.files import sha256_file
 from pvt_deploy.model.pvt_v2 import (
     BIRDER_BASE_NETWORK,
     BIRDER_LAYER_NORM_EPS,

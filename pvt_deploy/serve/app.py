@@ -55,13 +55,6 @@ class Upload:
     data: bytes
 
 
-def manifest_fields(runtime: Runtime) -> dict[str, Any]:
-    """The manifest as a plain dict, whether ``Runtime.manifest`` is the dict itself or a typed object with ``.raw``."""
-    manifest = runtime.manifest
-    raw = getattr(manifest, "raw", manifest)
-    return raw if isinstance(raw, dict) else {}
-
-
 def _reason(error: ImageError) -> str:
     """``Runtime``'s message without its "image 0 (<123 bytes>): " prefix: the HTTP answer names the item itself."""
     return _SOURCE_PREFIX.sub("", _ITEM_PREFIX.sub("", str(error)))
@@ -88,8 +81,8 @@ class Service:
         )
         self.backend: InferenceBackend = backend if backend is not None else self.batcher  # type: ignore[assignment]
         self.decoder = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="pvt-decode")
-        self.manifest = manifest_fields(runtime)
-        self.model_name = str(self.manifest.get("model_name") or runtime.model_dir.name)
+        self.manifest = runtime.manifest
+        self.model_name = self.manifest.model_name or runtime.model_dir.name
         self.labels = runtime.labels
         self.preprocessing = dict(runtime.metadata["preprocess"])
         height, width = self.preprocessing["size"]
@@ -176,10 +169,9 @@ class Service:
 
     def describe(self) -> dict[str, Any]:
         manifest = self.manifest
-        files = manifest.get("files") or {}
         return {
             "name": self.model_name,
-            "network": manifest.get("network"),
+            "network": manifest.network,
             "num_classes": len(self.labels),
             "labels": self.labels,
             "input": {
@@ -192,8 +184,8 @@ class Service:
             "precision": self.runtime.precision,
             "precisions": self.runtime.precisions,
             "device": self.runtime.active_device,
-            "untrained": bool(manifest.get("random_weights", False)),
-            "checksums": {name: record.get("sha256") for name, record in files.items() if isinstance(record, dict)},
+            "untrained": manifest.random_weights,
+            "checksums": {name: record.sha256 for name, record in manifest.files.items()},
             "batching": {"max_batch": self.settings.max_batch, "max_wait_ms": self.settings.max_wait_ms},
             "limits": {"max_body_mb": self.settings.max_body_mb, "max_queue": self.settings.max_queue},
             "pvt_deploy_version": __version__,
@@ -250,7 +242,7 @@ def create_app(runtime: Runtime, settings: ServeSettings, backend: InferenceBack
             render_page(
                 service.model_name,
                 needs_key=settings.api_key is not None,
-                untrained=bool(service.manifest.get("random_weights", False)),
+                untrained=service.manifest.random_weights,
             )
         )
 
