@@ -21,7 +21,7 @@ from PIL import Image
 
 from pvt_deploy import Runtime
 from pvt_deploy.cli import cli
-from pvt_deploy.errors import ImageError, ModelDirError
+from pvt_deploy.errors import ImageError, InferenceError, ModelDirError
 from pvt_deploy.format.manifest import MANIFEST_NAME, sha256_file
 
 onnx = pytest.importorskip("onnx")
@@ -332,3 +332,72 @@ def test_zero_pixel_images_are_empty_image_errors(runtime: Runtime, image: Any) 
         runtime.classify(image)
     result = runtime.classify([image, np.zeros((64, 64, 3), np.uint8)], on_error="collect")
     assert result.ok.tolist() == [False, True] and "empty image" in str(result.errors[0])
+
+
+# --- 7. onnxruntime failures at run time ----------------------------------------------------------------------------
+
+
+def _exploding_classifier(path: Path, metadata_from: Path) -> None:
+    """A classify graph that matches the manifest (64x64 in, 10 classes, 128-d embedding) but asks onnxruntime, at
+    run time, for a [2000000 * batch, 2000000] float tensor (a ConstantOfShape whose shape depends on the input, so
+    nothing is folded when the session is created)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name: str, value: np.ndarray) -> Any:
+        return numpy_helper.from_array(value, name)
+
+    nodes = [
+        helper.make_node("ReduceMean", ["input"], ["pooled"], axes=[2, 3], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "head"], ["raw_logits"]),
+        helper.make_node("MatMul", ["pooled", "project"], ["embedding"]),
+        helper.make_node("Shape", ["input"], ["input_shape"]),
+        helper.make_node("Slice", ["input_shape", "zero", "one"], ["batch"]),
+        helper.make_node("Mul", ["batch", "huge"], ["rows"]),
+        helper.make_node("Concat", ["rows", "huge"], ["big_shape"], axis=0),
+        helper.make_node("ConstantOfShape", ["big_shape"], ["big"]),
+        helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+        helper.make_node("Mul", ["total", "nothing"], ["zero_total"]),
+        helper.make_node("Add", ["raw_logits", "zero_total"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    initializers = [
+        const("head", np.ones((3, 10), np.float32)),
+        const("project", np.ones((3, 128), np.float32)),
+        const("zero", np.array([0], np.int64)),
+        const("one", np.array([1], np.int64)),
+        const("huge", np.array([2_000_000], np.int64)),
+        const("nothing", np.array(0.0, np.float32)),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "exploding",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 64, 64])],
+        [
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10]),
+            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 128]),
+        ],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model.metadata_props.extend(onnx.load(str(metadata_from), load_external_data=False).metadata_props)
+    onnx.save(model, str(path))
+
+
+def test_an_onnxruntime_run_failure_is_one_typed_error_line(
+    tiny_export_dir: Path, tmp_path: Path, photo_paths: list[Path]
+) -> None:
+    """A graph that passes every load-time check but cannot allocate what it asks for at run time is one
+    InferenceError (exit 5, one ``Error:`` line), not an onnxruntime traceback with exit 1."""
+    folder = copy_model(tiny_export_dir, tmp_path)
+    _exploding_classifier(folder / "classify.onnx", tiny_export_dir / "classify.onnx")
+    rehash(folder, "classify.onnx")
+    runtime = Runtime(folder, device="cpu")
+    runtime.load(["classify"])  # loads and agrees with the manifest: the failure is the run's
+    with pytest.raises(InferenceError, match="onnxruntime could not run classify.onnx"):
+        runtime.classify(photo_paths[0])
+    result = invoke("predict", folder, photo_paths[0], "--device", "cpu")
+    assert result.exit_code == InferenceError.exit_code == 5, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("Error: onnxruntime could not run classify.onnx"), result.stderr
+    assert "Traceback" not in result.stderr
