@@ -401,3 +401,55 @@ def test_an_onnxruntime_run_failure_is_one_typed_error_line(
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("Error: onnxruntime could not run classify.onnx"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _external_tensor(name: str, location: str, values: np.ndarray) -> Any:
+    from onnx import TensorProto
+
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(values.shape))
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(values.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+@pytest.mark.parametrize("place", ["function-constant", "function-default-attribute", "if-subgraph"])
+def test_external_data_reached_through_functions_and_subgraphs_must_be_listed(
+    place: str, tiny_export_dir: Path, tmp_path: Path, photo_paths: list[Path]
+) -> None:
+    """``unlisted.bin`` sits in the folder but not in the manifest: a tensor reading it from a model-local
+    function's Constant (it loaded and ``predict`` exited 0), a function's attribute default or an If branch is
+    refused before onnxruntime opens it (exit 5)."""
+    from onnx import helper
+
+    folder = copy_model(tiny_export_dir, tmp_path)
+    np.zeros(10, np.float32).tofile(folder / "unlisted.bin")
+    path = folder / "classify.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    tensor = _external_tensor("offset_value", "unlisted.bin", np.zeros(10, np.float32))
+    if place == "if-subgraph":
+        branch = helper.make_graph(
+            [helper.make_node("Constant", [], ["branch_out"], value=tensor)],
+            "branch",
+            [],
+            [helper.make_tensor_value_info("branch_out", onnx.TensorProto.FLOAT, [10])],
+        )
+        model.graph.node.append(
+            helper.make_node("If", ["unused_condition"], ["unused"], then_branch=branch, else_branch=branch)
+        )
+    else:
+        if place == "function-constant":
+            nodes = [helper.make_node("Constant", [], ["c"], value=tensor), helper.make_node("Add", ["x", "c"], ["y"])]
+            defaults = []
+        else:
+            nodes = [helper.make_node("Identity", ["x"], ["y"])]
+            defaults = [helper.make_attribute("unused", tensor)]
+        function = helper.make_function(
+            "pvt.test", "Offset", ["x"], ["y"], nodes, [helper.make_opsetid("", 17)], attribute_protos=defaults
+        )
+        model.functions.append(function)
+        model.opset_import.append(helper.make_opsetid("pvt.test", 1))
+    onnx.save(model, str(path))
+    rehash(folder, "classify.onnx")
+    assert_refused(folder, photo_paths[0], "reads external data 'unlisted.bin'")
