@@ -40,15 +40,27 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = CHUNK_BYTES) -> 
     return digest.hexdigest()
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any], *, durable: bool = True) -> Path:
-    """Write ``path`` through a temp file in the same folder: ``write(handle)`` gets the open binary handle.
+def atomic_write(
+    path: str | os.PathLike[str],
+    write: Callable[[IO[bytes]], Any],
+    *,
+    durable: bool = True,
+    staging: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write ``path`` through a temp file in the same folder: ``write(handle)`` gets the open binary handle and
+    may raise to abandon the write (e.g. a checksum that does not match): nothing is renamed then.
 
-    ``durable`` fsyncs the data before the rename (so a power cut leaves the old or the new file). The folder is
-    created if needed; the temp file is removed on any failure."""
+    ``durable`` fsyncs the data before the rename (so a power cut leaves the old or the new file). ``staging``
+    names the temp file (``staging.staging_path``, so the next run can tell a dead run's leftover); by default a
+    unique ``.NAME.*.tmp``. The folder is created if needed; the temp file is removed on any failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
+    if staging is None:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(tmp_name)
+    else:
+        tmp = Path(staging)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)

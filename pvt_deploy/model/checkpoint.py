@@ -14,11 +14,9 @@ metadata. Neither stores the network name, so the PVT v2 size is inferred from t
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import pickletools
 import re
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -28,7 +26,7 @@ from typing import Any
 import torch
 
 from pvt_deploy.errors import CheckpointError
-from pvt_deploy.files import sha256_file
+from pvt_deploy.files import atomic_write, atomic_write_bytes, sha256_file
 from pvt_deploy.model.pvt_v2 import (
     BIRDER_BASE_NETWORK,
     BIRDER_LAYER_NORM_EPS,
@@ -454,24 +452,6 @@ def _checkpoint_dict(
     )
 
 
-def _atomic_write(path: Path, write: Any) -> Path:
-    """Write through a temp file in the same folder, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle, tmp)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_checkpoint(
     path: str | Path,
     model: PVTv2,
@@ -495,7 +475,7 @@ def save_checkpoint(
         if clashes:
             raise ValueError(f"extra keys clash with birder's: {sorted(clashes)}")
         payload.update(extra)
-    return _atomic_write(Path(path), lambda handle, _tmp: torch.save(payload, handle))
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def save_safetensors(
@@ -522,7 +502,7 @@ def save_safetensors(
         metadata["config"] = json.dumps(config)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = safetensors_bytes(state, metadata=metadata)
-    return _atomic_write(Path(path), lambda handle, _tmp: handle.write(blob))
+    return atomic_write_bytes(path, blob)
 
 
 __all__ = [
