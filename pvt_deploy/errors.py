@@ -88,6 +88,22 @@ class InferenceError(PvtDeployError):
     exit_code = 5
 
 
+class ServeError(PvtDeployError):
+    """``serve`` options are unusable (e.g. ``--api-key-env`` names an unset variable)."""
+
+    exit_code = 2
+
+
+class JobInterrupted(PvtDeployError):
+    """Ctrl-C during a bulk job: the finished rows are kept, and the message says how to continue."""
+
+    exit_code = 130
+
+
+class RunnerUnavailable(PvtDeployError):
+    """A bench variant that cannot run here (no GPU, torch.compile failing or too slow): reported as skipped."""
+
+
 class MissingExtraError(PvtDeployError):
     """A command needs an optional extra (torch for export, psutil for bench, ...) that is not installed."""
 

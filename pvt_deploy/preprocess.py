@@ -468,13 +468,6 @@ def item_error_message(index: int, source: str, message: str) -> str:
     return f"image {index} ({source}): {message}"
 
 
-def preprocess_one(
-    source: ImageSource, size: int | Sequence[int], rgb_stats: dict[str, Sequence[float]], **options: Any
-) -> np.ndarray:
-    """One image -> (3, H, W) float32 (``preprocess``'s options)."""
-    return preprocess([source], size, rgb_stats, **options)[0]
-
-
 def preprocess(
     images: ImageSource | Iterable[ImageSource],
     size: int | Sequence[int],
@@ -514,7 +507,6 @@ __all__ = [
     "apply_exif_orientation",
     "load_image",
     "preprocess",
-    "preprocess_one",
     "resize_and_crop",
     "resize_spec",
     "to_array",

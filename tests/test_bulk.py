@@ -22,11 +22,10 @@ from click.testing import CliRunner, Result
 
 from pvt_deploy import Runtime
 from pvt_deploy.cli import cli
-from pvt_deploy.errors import ImageError, OutputError
+from pvt_deploy.errors import ImageError, JobInterrupted, OutputError
 from pvt_deploy.files import OutputLock
 from pvt_deploy.jobs import (
     JobEvents,
-    JobInterrupted,
     JobSpec,
     collect_inputs,
     prediction_record,

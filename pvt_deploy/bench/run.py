@@ -34,12 +34,11 @@ from pvt_deploy.bench.runners import (
     OrtRuntimeRunner,
     OrtTensorRTRunner,
     Runner,
-    RunnerUnavailable,
     TorchCompileRunner,
     TorchEagerRunner,
     cuda_device_present,
 )
-from pvt_deploy.errors import BenchError
+from pvt_deploy.errors import BenchError, RunnerUnavailable
 from pvt_deploy.format.manifest import Manifest, load_manifest
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}

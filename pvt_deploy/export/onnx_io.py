@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import io
 import logging
-import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -284,7 +283,3 @@ def share_external_weights(paths: list[Path], weights_name: str, min_bytes: int 
         onnx.save(model, str(path))
     after = sum(p.stat().st_size for p in paths) + weights_path.stat().st_size
     return {"file": weights_name, "graphs": [p.name for p in paths], "bytes_before": before, "bytes_after": after}
-
-
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size

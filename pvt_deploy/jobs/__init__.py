@@ -3,7 +3,7 @@
 
 from pvt_deploy.jobs.inputs import collect_inputs, read_path_list
 from pvt_deploy.jobs.records import iter_parts, prediction_lines, prediction_record
-from pvt_deploy.jobs.run import DEFAULT_CHUNK_SIZE, ENGINES, JobEvents, JobInterrupted, JobResult, run_job
+from pvt_deploy.jobs.run import DEFAULT_CHUNK_SIZE, ENGINES, JobEvents, JobResult, run_job
 from pvt_deploy.jobs.store import Part, output_format, read_run_info
 from pvt_deploy.jobs.tasks import JobSpec
 
@@ -11,7 +11,6 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "ENGINES",
     "JobEvents",
-    "JobInterrupted",
     "JobResult",
     "JobSpec",
     "Part",

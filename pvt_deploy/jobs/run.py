@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pvt_deploy import __version__
-from pvt_deploy.errors import OutputError, PvtDeployError
+from pvt_deploy.errors import JobInterrupted, OutputError
 from pvt_deploy.files import OutputLock
 from pvt_deploy.jobs.store import JobStore, Part, inputs_digest, output_format, read_run_info
 from pvt_deploy.jobs.tasks import JobSpec, compute_part, model_identity
@@ -28,12 +28,6 @@ from pvt_deploy.staging import clean_stale_staging, describe_removed
 DEFAULT_CHUNK_SIZE = 64
 ENGINES = ("local", "ray")
 _RESUME_KEYS = ("task", "options", "model", "format", "exif_transpose", "inputs", "inputs_sha256")
-
-
-class JobInterrupted(PvtDeployError):
-    """Ctrl-C during a job: the finished rows are kept, and the message says how to continue."""
-
-    exit_code = 130
 
 
 @dataclass

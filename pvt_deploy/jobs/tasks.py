@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from pvt_deploy.errors import ImageError
 from pvt_deploy.jobs.store import Part, atomic_write_bytes
 from pvt_deploy.runtime import BatchResult, ItemError, Runtime
 from pvt_deploy.runtime.operations import l2_normalize, top_k
@@ -142,11 +141,3 @@ def _save_maps(folder: Path, index: int, maps: dict[str, np.ndarray]) -> str:
     np.savez(buffer, **maps)
     atomic_write_bytes(folder / name, buffer.getvalue())
     return name
-
-
-def decode(runtime: Runtime, path: str) -> Decoded:
-    """The Ray engine's decode step: the runtime's own preprocessing, so rows match the local engine's."""
-    try:
-        return Decoded(path, runtime.spec(path))
-    except ImageError as exc:
-        return Decoded(path, None, str(exc))

@@ -6,13 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvt_deploy.errors import PvtDeployError
-
-
-class ServeError(PvtDeployError):
-    """``serve`` options are unusable (e.g. ``--api-key-env`` names an unset variable)."""
-
-    exit_code = 2
+from pvt_deploy.errors import ServeError
 
 
 @dataclass(frozen=True)

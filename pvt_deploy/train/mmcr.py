@@ -68,18 +68,6 @@ def mmcr_momentum_loss(
     return loss
 
 
-class MMCRMomentumLoss(nn.Module):
-    """Module wrapper of :func:`mmcr_momentum_loss` (birder's name and constructor)."""
-
-    def __init__(self, lambda_coeff: float = 0.0, n_aug: int = DEFAULT_N_AUG) -> None:
-        super().__init__()
-        self.lambda_coeff = lambda_coeff
-        self.n_aug = n_aug
-
-    def forward(self, z: torch.Tensor, z_momentum: torch.Tensor) -> torch.Tensor:
-        return mmcr_momentum_loss(z, z_momentum, self.n_aug, self.lambda_coeff)
-
-
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics span the whole global batch under a process group.
 
