@@ -460,6 +460,28 @@ class Preprocessor:
             return np.empty((0, 3, *self.size), dtype=np.float32)
         return np.stack(rows)
 
+    def prepare(self, images: Any) -> Prepared:
+        """``batch`` as ``Prepared`` rows: a ``Runtime`` runs them without checking them again."""
+        return Prepared(self.batch(images))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Model-input rows (N, 3, H, W) float32 that a ``Preprocessor`` made, so already valid: a ``Runtime`` method
+    given them skips the per-row check it applies to a caller's own float arrays (dtype, size, NaN). Services and
+    bulk jobs decode into these (``Runtime.prepare``, ``Prepared.concat``) so each row is checked once.
+    Constructing one by hand opts out of that check; a row the graph cannot take is then an ``InferenceError``."""
+
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @staticmethod
+    def concat(parts: Sequence[Prepared]) -> Prepared:
+        """Several requests' rows as one batch, in order."""
+        return Prepared(np.concatenate([part.rows for part in parts]) if len(parts) != 1 else parts[0].rows)
+
 
 def item_error_message(index: int, source: str, message: str) -> str:
     """``image 3 (a.jpg): truncated image``: the input's index and name said once."""
@@ -499,6 +521,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_FILE_BYTES",
     "MAX_PIXELS",
+    "Prepared",
     "Preprocessor",
     "describe",
     "is_image_file",

@@ -25,7 +25,7 @@ from pvt_deploy.runtime import BatchResult, DeviceError, sessions
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy: the Runtime writes its optimized-graph cache into the folder, the shared fixture is read-only."""
+    """A private copy, for tests that change files in it (the shared fixture is read-only)."""
     return Path(shutil.copytree(tiny_export_dir, tmp_path_factory.mktemp("rt") / "model"))
 
 
@@ -398,3 +398,27 @@ def test_cuda_provider_that_fails_to_load(model_dir: Path, monkeypatch: pytest.M
         probabilities = runtime.classify(image)
     assert runtime.active_device == "cpu"
     np.testing.assert_array_equal(probabilities, Runtime(model_dir, device="cpu").classify(image))
+
+
+def test_prepared_rows_are_checked_once(runtime: Runtime, photo_paths: list[Path], monkeypatch) -> None:
+    """Rows a caller hands in are checked (dtype, size, NaN) once per run; rows the runtime itself decoded
+    (``Runtime.prepare``) are not checked again inside the run, and give the same answers."""
+    from pvt_deploy.preprocess import Preprocessor
+
+    checked: list[tuple[int, ...]] = []
+    original = Preprocessor.validate_preprocessed
+
+    def counting(self: Preprocessor, array: np.ndarray) -> np.ndarray:
+        checked.append(array.shape)
+        return original(self, array)
+
+    monkeypatch.setattr(Preprocessor, "validate_preprocessed", counting)
+    prepared = runtime.prepare(photo_paths[:3])
+    assert checked == []  # decoding makes valid rows; nothing to check
+    from_prepared = runtime.classify(prepared)
+    assert checked == []
+    from_floats = runtime.classify(prepared.rows)
+    assert len(checked) == 3  # a caller's own float rows: checked once each
+    np.testing.assert_array_equal(from_prepared, from_floats)
+    two = type(prepared).concat([prepared, runtime.prepare(photo_paths[3])])
+    assert len(two) == 4 and np.array_equal(runtime.embed(two)[:3], runtime.embed(prepared))

@@ -22,7 +22,7 @@ from pvt_deploy.format.manifest import (
     load_manifest,
     verify_files,
 )
-from pvt_deploy.preprocess import Preprocessor
+from pvt_deploy.preprocess import Prepared, Preprocessor
 from pvt_deploy.runtime.config import RuntimeConfig
 from pvt_deploy.runtime.graph_files import external_data_locations
 from pvt_deploy.runtime.graph_preprocess import ImagePixels
@@ -251,6 +251,11 @@ class Runtime:
         """The model input tensor (N, 3, H, W) float32 for ``images``; raises ``ImageError`` on a bad one."""
         return self.spec.batch(images)
 
+    def prepare(self, images: Images) -> Prepared:
+        """``preprocess`` as ``Prepared`` rows, which classify/predict/embed/features run without checking them again
+        (a service decodes, batches, then runs: each row is checked once)."""
+        return self.spec.prepare(images)
+
     @overload
     def classify(
         self, images: Images, return_embedding: Literal[False] = ..., *, on_error: Raise = ...
@@ -391,6 +396,8 @@ class Runtime:
         if missing:
             raise ModelDirError(f"{self.model_dir}: the manifest's {graph} graph has no {', '.join(missing)} output")
         prepare: Any = self._image_pixels if by_image else self.spec
+        if isinstance(images, Prepared):  # rows this runtime's pipeline made: nothing to check again
+            images, prepare = images.rows, (prepare if by_image else _as_is)
         # an image graph takes one image of any size; a graph that is not batch-invariant runs row by row, so no
         # answer depends on its batch neighbours
         batched = not by_image and self.graph_entry(graph).runs_batched
@@ -418,6 +425,10 @@ class Runtime:
 
         mask = np.asarray(log.ok, dtype=bool)
         return log.result({name: _scatter(outputs[name], mask, session, name) for name in names})
+
+
+def _as_is(row: np.ndarray) -> np.ndarray:
+    return row
 
 
 def _scatter(chunks: list[np.ndarray], mask: np.ndarray, session: GraphSession, name: str) -> np.ndarray:
