@@ -131,9 +131,16 @@ class GraphEntry:
     outputs: tuple[TensorSpec, ...]
     variant: dict[str, Any] | None = None
     batch_invariant: bool | None = None
-    """Stated per entry; else the variant says (dynamic int8 is not: one activation scale per batch)."""
+    """False when a row's answer depends on the other rows of its batch: the runtime then runs the graph row by
+    row. When the entry does not say, the variant does (dynamic int8 is not: one activation scale per batch);
+    always a bool once read."""
 
     def __post_init__(self) -> None:
+        if self.batch_invariant is None:
+            variant = self.variant or {}
+            stated = variant.get("batch_invariant")
+            resolved = stated if isinstance(stated, bool) else variant.get("method") != "dynamic"
+            object.__setattr__(self, "batch_invariant", resolved)
         for kind, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
             names = [spec.name for spec in specs]
             if not names:
@@ -145,16 +152,6 @@ class GraphEntry:
     def output_names(self) -> tuple[str, ...]:
         return tuple(output.name for output in self.outputs)
 
-    @property
-    def runs_batched(self) -> bool:
-        """False when a row's answer depends on the other rows of its batch: the runtime then runs it row by row."""
-        if self.batch_invariant is not None:
-            return self.batch_invariant
-        variant = self.variant or {}
-        stated = variant.get("batch_invariant")
-        if isinstance(stated, bool):
-            return stated
-        return variant.get("method") != "dynamic"
 
 
 @dataclass(frozen=True, kw_only=True)

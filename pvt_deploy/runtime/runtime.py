@@ -400,7 +400,7 @@ class Runtime:
             images, prepare = images.rows, (prepare if by_image else _as_is)
         # an image graph takes one image of any size; a graph that is not batch-invariant runs row by row, so no
         # answer depends on its batch neighbours
-        batched = not by_image and self.graph_entry(graph).runs_batched
+        batched = not by_image and bool(self.graph_entry(graph).batch_invariant)
         batch_size = self.batch_size if batched else 1
         log = ItemLog()
         pending: list[np.ndarray] = []
