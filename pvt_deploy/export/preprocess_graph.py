@@ -115,9 +115,10 @@ def _round_pass(b: _Builder, accumulated: str) -> str:
 
 
 def _input_guard(b: _Builder) -> str:
-    """A float64 ``[1.0]`` that exists only for images the contract allows (height and width >= 1, 1, 3 or 4
+    """A float32 ``[1.0]`` that exists only for images the contract allows (height and width >= 1, 1, 3 or 4
     channels): otherwise it is a Reshape of one value into two, which every runtime refuses, so the graph fails
-    instead of answering an empty or 5-channel image. Multiplied into the pixels, so no optimizer drops it."""
+    instead of answering an empty or 5-channel image. Multiplied into the (small) output, so no optimizer drops
+    it and no image-sized copy is made."""
     dims = b.op("Shape", IMAGE_INPUT_NAME)
 
     def dim(index: int) -> str:
@@ -133,7 +134,7 @@ def _input_guard(b: _Builder) -> str:
     )
     refused = b.op("Cast", b.op("Not", b.op("And", has_pixels, allowed)), to=TensorProto.INT64)
     length = b.op("Add", refused, b.const([1], np.int64))  # [1] for a valid image, [2] otherwise
-    return b.op("Reshape", b.const([1.0]), length)
+    return b.op("Reshape", b.const([1.0], np.float32), length)
 
 
 def preprocess_graph(
@@ -154,8 +155,9 @@ def preprocess_graph(
     b = _Builder()
     rgb = b.op("Slice", IMAGE_INPUT_NAME, b.const([0], np.int64), b.const([3], np.int64), b.const([2], np.int64))
     rgb = b.op("Expand", rgb, b.const([1, 1, 3], np.int64))  # gray [H, W, 1] -> [H, W, 3]; RGB unchanged
-    pixels = b.op("Transpose", b.op("Cast", rgb, to=TensorProto.DOUBLE), perm=[2, 0, 1])  # [3, H, W]
-    pixels = b.op("Mul", pixels, _input_guard(b))
+    # [3, H, W]: transposed while still uint8 (3 bytes per pixel), then float64 once: the largest tensors of the
+    # graph are image-sized, so each full-size float64 copy costs 24 bytes per input pixel
+    pixels = b.op("Cast", b.op("Transpose", rgb, perm=[2, 0, 1]), to=TensorProto.DOUBLE)
     shape = b.op("Cast", b.op("Shape", IMAGE_INPUT_NAME), to=TensorProto.DOUBLE)
     in_h = b.op("Squeeze", b.op("Slice", shape, b.const([0], np.int64), b.const([1], np.int64)), b.const([0], np.int64))
     in_w = b.op("Squeeze", b.op("Slice", shape, b.const([1], np.int64), b.const([2], np.int64)), b.const([0], np.int64))
@@ -197,7 +199,7 @@ def preprocess_graph(
     scaled = b.op("Mul", b.op("Cast", resized, to=TensorProto.FLOAT), b.const(np.float32(1.0 / 255.0), np.float32))
     mean = b.const(np.asarray(rgb_stats["mean"], np.float32).reshape(3, 1, 1), np.float32)
     std = b.const(np.asarray(rgb_stats["std"], np.float32).reshape(3, 1, 1), np.float32)
-    normalized = b.op("Div", b.op("Sub", scaled, mean), std)
+    normalized = b.op("Mul", b.op("Div", b.op("Sub", scaled, mean), std), _input_guard(b))
     b.nodes.append(helper.make_node("Unsqueeze", [normalized, b.const([0], np.int64)], [output_name]))
     outputs = [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [1, 3, height, width])]
     if resized_output:
