@@ -26,7 +26,7 @@ from pvt_deploy.export import onnx_io, precision, preprocess_graph
 from pvt_deploy.export.graphs import reference_all, wrap
 from pvt_deploy.export.parity import GraphParity, output_metrics
 from pvt_deploy.export.source import ExportSource, resolve_export_source
-from pvt_deploy.files import OutputLock
+from pvt_deploy.files import OutputLock, atomic_write_text
 from pvt_deploy.format.codec import read_dataclass, to_json
 from pvt_deploy.format.contract import METADATA_KEY as PREPROCESS_KEY
 from pvt_deploy.format.contract import PreprocessContract
@@ -489,9 +489,7 @@ def write_labels(folder: Path, labels: Sequence[str]) -> Path:
     """``labels.txt``: one class name per line, in class-index order (for clients that cannot read metadata)."""
     if any("\n" in label or "\r" in label for label in labels):
         raise ExportError("a class label contains a line break; labels.txt needs one label per line")
-    path = folder / LABELS_NAME
-    path.write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
-    return path
+    return atomic_write_text(folder / LABELS_NAME, "".join(f"{label}\n" for label in labels), durable=False)
 
 
 @sticky_interrupts()
