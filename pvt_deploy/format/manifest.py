@@ -203,10 +203,13 @@ class InputSpec:
             raise FormatError(f"input size must be [height, width] >= 1, got {list(self.size)}")
         contract = self.preprocess
         if contract is not None:
-            expected = (self.size, self.rgb_stats.mean, self.rgb_stats.std, self.resize.center_crop, self.name)
-            found = (contract.size, contract.mean, contract.std, contract.center_crop, contract.input_name)
-            if expected != found:
-                raise FormatError("input.preprocess disagrees with the input section (size, rgb_stats, crop or name)")
+            resize = self.resize
+            expected = (self.size, self.rgb_stats.mean, self.rgb_stats.std, resize.center_crop, resize.apply_exif)
+            found = (contract.size, contract.mean, contract.std, contract.center_crop, contract.apply_exif)
+            if expected != found or contract.input_name != self.name:
+                raise FormatError(
+                    "input.preprocess disagrees with the input section (size, rgb_stats, crop, EXIF rule or name)"
+                )
 
 
 @dataclass(frozen=True, kw_only=True)
