@@ -148,3 +148,12 @@ def test_graph_mode_applies_the_python_paths_limits_before_the_graph_runs(tiny_e
     limited = Runtime(tiny_export_dir, preprocess="graph", max_image_bytes=image.stat().st_size - 1)
     with pytest.raises(ImageError, match="exceeds the image file limit"):
         limited.classify(image)
+
+
+def test_graph_mode_bounds_the_resize_weights_of_a_long_thin_image(tiny_export_dir) -> None:
+    """The image graphs' resize weights grow with the sides: a 1 x 100,000 image passes the pixel limit but is
+    refused by the decoded-memory bound (here scaled down with max_pixels) before the graph runs."""
+    runtime = Runtime(tiny_export_dir, preprocess="graph", max_pixels=100_000)
+    with pytest.raises(ImageError, match="bytes of resize weights"):
+        runtime.classify(np.zeros((1, 100_000, 3), np.uint8))
+    assert np.isfinite(runtime.classify(np.zeros((200, 300, 3), np.uint8))).all()

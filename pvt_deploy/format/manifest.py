@@ -153,7 +153,6 @@ class GraphEntry:
         return tuple(output.name for output in self.outputs)
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class RgbStats:
     """Per-channel (R, G, B) mean and std of the normalisation ``(x - mean) / std``."""

@@ -16,7 +16,17 @@ import numpy as np
 from PIL import Image
 
 from pvt_deploy.errors import ImageError
-from pvt_deploy.preprocess import Preprocessor, apply_exif_orientation, load_image, to_rgb
+from pvt_deploy.preprocess import (
+    DECODED_BYTES_PER_PIXEL_LIMIT,
+    Preprocessor,
+    apply_exif_orientation,
+    describe,
+    load_image,
+    to_rgb,
+)
+
+COEFFICIENT_BYTES = 8
+"""The image graphs build their resize weights as float64 [in, out] matrices, one per axis."""
 
 
 def image_pixels(image: Image.Image, *, apply_exif: bool) -> np.ndarray:
@@ -41,7 +51,23 @@ class ImagePixels:
             raise ImageError("preprocess='graph' takes images, not preprocessed float tensors")
         spec = self.preprocessor
         image = load_image(item, max_pixels=spec.max_pixels, max_file_bytes=spec.max_file_bytes)
+        self.check_resize_weights(image.height, image.width, describe(item))
         try:
             return image_pixels(image, apply_exif=spec.apply_exif)
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise ImageError(f"cannot decode image ({str(exc).strip() or type(exc).__name__})") from None
+
+    def check_resize_weights(self, height: int, width: int, name: str) -> None:
+        """The graph's resize weights grow with each side, not with the pixel count: a 1 x 89,000,000 image has
+        few pixels but would need a [89000000, 384] float64 matrix. They get the per-image decoded-memory bound."""
+        spec = self.preprocessor
+        if spec.max_pixels is None:
+            return
+        base_h, base_w = (int(side / spec.center_crop) for side in spec.size)
+        needed = (height * base_h + width * base_w) * COEFFICIENT_BYTES
+        limit = spec.max_pixels * DECODED_BYTES_PER_PIXEL_LIMIT
+        if needed > limit:
+            raise ImageError(
+                f"{name}: {width}x{height} needs {needed} bytes of resize weights in the image graph, over the "
+                f"limit of {limit}"
+            )
