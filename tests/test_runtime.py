@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import struct
 import threading
@@ -19,6 +20,7 @@ from pvt_deploy.errors import ImageError, ModelDirError
 from pvt_deploy.format.manifest import load_manifest
 from pvt_deploy.preprocess import preprocess
 from pvt_deploy.runtime import BatchResult, DeviceError, sessions
+from pvt_deploy.runtime.config import RuntimeConfig
 
 # --- fixtures -------------------------------------------------------------------------------------------------------
 
@@ -422,3 +424,20 @@ def test_prepared_rows_are_checked_once(runtime: Runtime, photo_paths: list[Path
     np.testing.assert_array_equal(from_prepared, from_floats)
     two = type(prepared).concat([prepared, runtime.prepare(photo_paths[3])])
     assert len(two) == 4 and np.array_equal(runtime.embed(two)[:3], runtime.embed(prepared))
+
+
+def test_describe_is_the_one_published_description(model_dir: Path) -> None:
+    """What services publish about a folder: identity, labels, input, the contract as manifest.json holds it,
+    graphs and image graphs, and the whole run configuration (so a worker built from it runs the same)."""
+    runtime = Runtime(model_dir, device="cpu", batch_size=3)
+    described = runtime.describe()
+    document = load_manifest(model_dir).to_json()
+    assert described["random_weights"] is document["random_weights"] is False
+    assert described["network"] == document["network"] and described["labels"] == document["labels"]
+    assert described["input"] == {"name": "input", "size": [64, 64], "dynamic_size": False}
+    assert described["preprocess"] == document["input"]["preprocess"]
+    assert set(described["image_graphs"]) == {"classify", "embed"}
+    assert described["image_graphs"]["embed"] == {"file": "embed.image.onnx", "outputs": ["embedding"]}
+    assert described["batch_size"] == 3 and described["config"]["batch_size"] == 3
+    assert Runtime(model_dir, config=RuntimeConfig.from_json(described["config"])).config == runtime.config
+    json.dumps(described)  # plain JSON
