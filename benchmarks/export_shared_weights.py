@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from pvt_deploy.format.manifest import load_manifest
+
 GRAPHS = ("classify", "embed", "features")
 
 
@@ -44,8 +46,8 @@ def _rss_growth(paths: list[Path]) -> int:
 
 
 def main(folder: Path) -> None:
-    manifest = json.loads((folder / "manifest.json").read_text())
-    size = manifest["input"]["size"]
+    manifest = load_manifest(folder)
+    size = list(manifest.input.size)
     shared = [folder / f"{g}.onnx" for g in GRAPHS]
     shared_bytes = sum(p.stat().st_size for p in shared) + (folder / "weights.bin").stat().st_size
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +72,7 @@ def main(folder: Path) -> None:
         )
         report = {
             "folder": str(folder),
-            "network": manifest["network"],
+            "network": manifest.network,
             "size": size,
             "bytes_shared": shared_bytes,
             "bytes_self_contained": alone_bytes,

@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from pvt_deploy.bench.machine import cpu_line, machine_info
-from pvt_deploy.manifest import read_manifest
+from pvt_deploy.format.manifest import Manifest, load_manifest
 from pvt_deploy.runtime import Runtime
 from pvt_deploy.runtime.sessions import session_options
 
@@ -50,9 +50,9 @@ def _session(path: Path, options: ort.SessionOptions, disabled: list[str] | None
     )
 
 
-def _variants(model_dir: Path, manifest: dict[str, Any], threads: int, static_int8: Path | None) -> dict[str, Any]:
-    graphs = manifest["graphs"]["classify"]
-    fp32 = model_dir / graphs["fp32"]["file"]
+def _variants(model_dir: Path, manifest: Manifest, threads: int, static_int8: Path | None) -> dict[str, Any]:
+    graphs = manifest.graphs["classify"]
+    fp32 = model_dir / graphs["fp32"].file
     parallel = session_options(1, allow_spinning=True)
     parallel.execution_mode = ort.ExecutionMode.ORT_PARALLEL
     parallel.inter_op_num_threads = threads
@@ -64,7 +64,7 @@ def _variants(model_dir: Path, manifest: dict[str, Any], threads: int, static_in
         f"fp32 intra 1 / inter {threads} parallel": _session(fp32, parallel),
     }
     if "int8" in graphs:
-        int8 = model_dir / graphs["int8"]["file"]
+        int8 = model_dir / graphs["int8"].file
         variants["int8 dynamic (row by row)"] = _session(int8, _options(threads))
         variants["int8 dynamic no-spin"] = _session(int8, _options(threads, spin=False))
     if static_int8 is not None:
@@ -72,12 +72,12 @@ def _variants(model_dir: Path, manifest: dict[str, Any], threads: int, static_in
     return variants
 
 
-def _static_int8(model_dir: Path, manifest: dict[str, Any], batch: np.ndarray, out: Path) -> Path:
+def _static_int8(model_dir: Path, manifest: Manifest, batch: np.ndarray, out: Path) -> Path:
     """The static QDQ variant of classify, calibrated on the photos (made once, reused from ``out``)."""
     from pvt_deploy.export.precision import make_variant
 
     if not out.exists():
-        fp32 = model_dir / manifest["graphs"]["classify"]["fp32"]["file"]
+        fp32 = model_dir / manifest.entry("classify").file
         make_variant(fp32, "int8", out, calibration_batches=[batch[i : i + 1] for i in range(len(batch))])
     return out
 
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    manifest = read_manifest(args.model_dir)
+    manifest = load_manifest(args.model_dir)
     runtime = Runtime(args.model_dir, device="cpu")
     photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     batch = runtime.preprocess(photos)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from pvt_deploy.bench.machine import cpu_summary
+from pvt_deploy.format.manifest import load_manifest
 
 OUT = Path(__file__).parent / "results" / "runtime_cold_start.json"
 
@@ -31,7 +32,7 @@ def _one(mode: str, model: Path, files: list[Path], threads: int = 2) -> dict[st
     import numpy as np
     import onnxruntime as ort
 
-    from pvt_deploy.manifest import sha256_file
+    from pvt_deploy.files import sha256_file
 
     begin = time.perf_counter()
     for path in files:
@@ -74,9 +75,9 @@ def main() -> None:
         return
     export_dir = Path(sys.argv[1])
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 7
-    manifest = json.loads((export_dir / "manifest.json").read_text())
-    graph = export_dir / manifest["graphs"]["classify"]["fp32"]["file"]
-    sources = [graph, *(export_dir / n for n in manifest["files"] if n.endswith((".bin", ".data")))]
+    manifest = load_manifest(export_dir)
+    graph = manifest.path(manifest.entry("classify").file)
+    sources = [graph, *(manifest.path(name) for name in manifest.data_files())]
     with tempfile.TemporaryDirectory() as tmp:
         cached = _optimized_copy(graph, Path(tmp))
         plans = {"source": sources, "cached": [cached, cached.with_name("model.onnx.data")]}
@@ -94,8 +95,8 @@ def main() -> None:
         cache_mb = sum(p.stat().st_size for p in Path(tmp).iterdir()) / 1e6
     medians = {mode: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for mode, runs in samples.items()}
     result = {
-        "model": manifest.get("network"),
-        "size": manifest["input"]["size"],
+        "model": manifest.network,
+        "size": list(manifest.input.size),
         "cpu": cpu_summary(),
         "threads": 2,
         "rounds": rounds,

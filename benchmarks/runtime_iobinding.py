@@ -84,8 +84,8 @@ def main() -> None:
     result = {
         "card": card_name(),
         "onnxruntime": ort.__version__,
-        "model": runtime.manifest.get("model_name"),
-        "network": runtime.manifest.get("network"),
+        "model": runtime.manifest.model_name,
+        "network": runtime.manifest.network,
         "graph": args.graph,
         "precision": args.precision,
         "size": [height, width],

@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from pvt_deploy import Runtime
+from pvt_deploy.format.manifest import load_manifest
 
 RESULTS = Path(__file__).resolve().parent / "results" / "runtime_microbatch.json"
 
@@ -59,11 +60,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    manifest = json.loads((args.model_dir / "manifest.json").read_text())
+    manifest = load_manifest(args.model_dir)
     load_before = os.getloadavg()
     runs = [measure(args.model_dir, t, args.rounds, args.sizes) for t in args.threads]
     result = {
-        "model": {"network": manifest.get("network"), "size": manifest["input"]["size"]},
+        "model": {"network": manifest.network, "size": list(manifest.input.size)},
         "onnxruntime": ort.__version__,
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],

@@ -124,7 +124,7 @@ def write_conformance(model_dir: Path, out_dir: Path, *, force: bool = False) ->
             entries.append(entry)
         document = {
             "model_name": runtime.manifest.model_name,
-            "contract": runtime.manifest["input"].get("preprocess"),
+            "contract": runtime.describe()["preprocess"],
             "tolerances": TOLERANCES,
             "vectors": entries,
         }

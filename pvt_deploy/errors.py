@@ -88,6 +88,29 @@ class SearchIndexError(PvtDeployError):
     exit_code = 12
 
 
+class InferenceError(PvtDeployError):
+    """onnxruntime failed to run a graph or to allocate its memory (a graph that expands beyond memory, an input
+    the graph cannot take). Exits like a bad model folder: the folder's graph is what could not run."""
+
+    exit_code = 5
+
+
+class ServeError(PvtDeployError):
+    """``serve`` options are unusable (e.g. ``--api-key-env`` names an unset variable)."""
+
+    exit_code = 2
+
+
+class JobInterrupted(PvtDeployError):
+    """Ctrl-C during a bulk job: the finished rows are kept, and the message says how to continue."""
+
+    exit_code = 130
+
+
+class RunnerUnavailable(PvtDeployError):
+    """A bench variant that cannot run here (no GPU, torch.compile failing or too slow): reported as skipped."""
+
+
 class MissingExtraError(PvtDeployError):
     """A command needs an optional extra (torch for export, psutil for bench, ...) that is not installed."""
 
@@ -106,7 +129,7 @@ EXIT_CODES: dict[int, str] = {
     CheckpointError.exit_code: "bad checkpoint, or bad command-line usage",
     DownloadError.exit_code: "download failed",
     ImageError.exit_code: "some inputs failed (each named on stderr; the rest are answered)",
-    ModelDirError.exit_code: "model folder missing, invalid or failing its checksums",
+    ModelDirError.exit_code: "model folder missing, invalid or failing its checksums, or its graph failed to run",
     ExportError.exit_code: "export failed",
     VerificationError.exit_code: "a verify threshold failed",
     DatasetError.exit_code: "training data unusable",

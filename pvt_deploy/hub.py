@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import IO
 
 from pvt_deploy.errors import CheckpointError, DownloadError
-from pvt_deploy.manifest import sha256_file as sha256_of  # the one sha256 helper
+from pvt_deploy.files import atomic_write
+from pvt_deploy.files import sha256_file as sha256_of
 from pvt_deploy.staging import clean_stale_staging, describe_removed, staging_path
 
 CACHE_ENV = "PVT_DEPLOY_CACHE"
@@ -398,26 +399,22 @@ def download(
     removed = clean_stale_staging(folder, weights.filename)
     if removed and progress:
         sys.stderr.write(f"{folder}: {describe_removed(removed)}\n")
-    tmp = staging_path(final, "part")
-    try:
-        with open(tmp, "wb") as handle:
-            if progress:
-                sys.stderr.write(f"Downloading {url} -> {final}\n")
-            total, done, digest = _fetch(url, handle, name, progress, deadline, weights.max_bytes)
-            handle.flush()
-            os.fsync(handle.fileno())
+    if progress:
+        sys.stderr.write(f"Downloading {url} -> {final}\n")
+
+    def fetch_checked(handle: IO[bytes]) -> None:
+        total, done, digest = _fetch(url, handle, name, progress, deadline, weights.max_bytes)
         if total is not None and done != total:
             raise DownloadError(f"{url}: download interrupted: got {done} of {total} bytes")
         if digest != weights.sha256:
             raise DownloadError(
                 f"{url}: sha256 mismatch: expected {weights.sha256}, got {digest}; the downloaded file was deleted"
             )
-        try:
-            os.replace(tmp, final)
-        except OSError as exc:  # e.g. the part file was removed meanwhile by a run that could not see this pid
-            raise DownloadError(f"{url}: cannot move the download into place ({exc.strerror or exc})") from None
-    finally:
-        tmp.unlink(missing_ok=True)  # a no-op after the rename; removes the partial file on any failure
+
+    try:
+        atomic_write(final, fetch_checked, staging=staging_path(final, "part"))
+    except OSError as exc:  # e.g. the part file was removed meanwhile by a run that could not see this pid
+        raise DownloadError(f"{url}: cannot write the download into place ({exc.strerror or exc})") from None
     return final
 
 

@@ -48,12 +48,16 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pvt_deploy.errors import ImageError
-from pvt_deploy.manifest import ResizeRule
+from pvt_deploy.format.codec import to_json
+from pvt_deploy.format.manifest import ResizeRule
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | Image.Image | np.ndarray
 
 MAX_PIXELS = 89_478_485
 """Pillow's default decompression-bomb limit (~ 0.25 GB of RGBA): larger images are refused with ``ImageError``."""
+
+DECODED_BYTES_PER_PIXEL_LIMIT = 4
+"""The per-image decoded-memory bound is ``max_pixels`` times this: the pixel limit at 4 bytes per pixel."""
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 """Largest encoded image read (64 MiB; a 50-megapixel JPEG is ~25 MB). Checked before reading; configurable
@@ -84,7 +88,7 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 def resize_spec(center_crop: float = 1.0) -> dict[str, Any]:
     """The preprocessing description stored in the manifest and graph metadata (``MetadataKey.RESIZE``), in the
     one resize-rule type, ``manifest.ResizeRule``."""
-    return ResizeRule(interpolation=INTERPOLATION, center_crop=float(center_crop), rule=RESIZE_RULE).to_json()
+    return to_json(ResizeRule(interpolation=INTERPOLATION, center_crop=float(center_crop), rule=RESIZE_RULE))
 
 
 def describe(item: Any) -> str:
@@ -107,11 +111,44 @@ def describe(item: Any) -> str:
 _describe = describe
 
 
-def _from_array(array: np.ndarray) -> Image.Image:
+_STORED_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+"""Bytes per pixel Pillow allocates for a decoded image of each mode; every other mode (RGB, RGBA, LA, I, F, CMYK,
+YCbCr...) takes 4."""
+
+
+def decoded_bytes(width: int, height: int, mode: str) -> int:
+    """Memory one decoded image of this size and Pillow mode takes (the decoder's own buffer)."""
+    return width * height * _STORED_BYTES_PER_PIXEL.get(mode, 4)
+
+
+def check_decoded_size(width: int, height: int, mode: str, max_pixels: int | None, name: str = "image") -> int:
+    """Refuse an image by its header, before it is decoded: no pixels, more than ``max_pixels`` pixels, or more
+    decoded bytes than ``max_pixels * DECODED_BYTES_PER_PIXEL_LIMIT``. Returns the decoded bytes (what a
+    cross-request memory budget reserves). The one per-image size rule of the Python and image-graph paths."""
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{name}: empty image ({width}x{height} pixels)")
+    size = decoded_bytes(width, height, mode)
+    if max_pixels is not None:
+        if width * height > max_pixels:
+            raise ImageError(
+                f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
+                "(possible decompression bomb)"
+            )
+        limit = max_pixels * DECODED_BYTES_PER_PIXEL_LIMIT
+        if size > limit:
+            raise ImageError(f"{name}: {width}x{height} {mode} decodes to {size} bytes, over the limit of {limit}")
+    return size
+
+
+def _from_array(array: np.ndarray, max_pixels: int | None) -> Image.Image:
     if array.dtype != np.uint8:
         raise ImageError(f"array images must be uint8, got {array.dtype}")
     if array.ndim in (2, 3) and (array.shape[0] == 0 or array.shape[1] == 0):
         raise ImageError(f"empty image (array of shape {array.shape})")
+    if array.ndim in (2, 3):
+        channels = 1 if array.ndim == 2 else array.shape[2]
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels, "RGBA")
+        check_decoded_size(array.shape[1], array.shape[0], mode, max_pixels, _describe(array))
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim == 2:
@@ -145,11 +182,7 @@ def _decode(handle: IO[bytes], name: str, max_pixels: int | None) -> Image.Image
     with _warning_filter("error", Image.DecompressionBombWarning):
         try:
             image = Image.open(handle)
-            if max_pixels is not None and image.width * image.height > max_pixels:
-                raise ImageError(
-                    f"{name}: {image.width}x{image.height} = {image.width * image.height} pixels exceeds the "
-                    f"limit of {max_pixels} (possible decompression bomb)"
-                )
+            check_decoded_size(image.width, image.height, image.mode, max_pixels, name)
             image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageError(f"{name}: refused as a possible decompression bomb ({exc})") from None
@@ -163,9 +196,8 @@ def _decode(handle: IO[bytes], name: str, max_pixels: int | None) -> Image.Image
     return image
 
 
-def _check_pixels(image: Image.Image, name: str) -> Image.Image:
-    if image.width == 0 or image.height == 0:
-        raise ImageError(f"{name}: empty image ({image.width}x{image.height} pixels)")
+def _check_pixels(image: Image.Image, name: str, max_pixels: int | None = None) -> Image.Image:
+    check_decoded_size(image.width, image.height, image.mode, max_pixels, name)
     return image
 
 
@@ -219,9 +251,9 @@ def load_image(
     ``max_file_bytes``. An image with no pixels is refused. The image keeps its own mode (see ``to_rgb``); every
     failure is one ``ImageError`` line naming the input."""
     if isinstance(source, Image.Image):
-        return _check_pixels(source, _describe(source))
+        return _check_pixels(source, _describe(source), max_pixels)
     if isinstance(source, np.ndarray):
-        return _from_array(source)
+        return _from_array(source, max_pixels)
     name = _describe(source)
     if isinstance(source, (str, os.PathLike)):
         data = _read_regular_file(Path(source), max_file_bytes)
@@ -375,10 +407,10 @@ class Preprocessor:
 
     @classmethod
     def from_input_spec(cls, spec: Any, **overrides: Any) -> Preprocessor:
-        """From a ``pvt_deploy.manifest.InputSpec`` (``manifest.input``)."""
+        """From a ``pvt_deploy.format.manifest.InputSpec`` (``manifest.input``)."""
         values: dict[str, Any] = {
             "size": tuple(spec.size),
-            "rgb_stats": {key: list(values) for key, values in spec.rgb_stats.items()},
+            "rgb_stats": spec.rgb_stats.as_dict(),
             "center_crop": spec.resize.center_crop,
             "apply_exif": spec.resize.apply_exif,
             "dynamic_size": spec.dynamic_size,
@@ -439,19 +471,34 @@ class Preprocessor:
             return np.empty((0, 3, *self.size), dtype=np.float32)
         return np.stack(rows)
 
+    def prepare(self, images: Any) -> Prepared:
+        """``batch`` as ``Prepared`` rows: a ``Runtime`` runs them without checking them again."""
+        return Prepared(self.batch(images))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Model-input rows (N, 3, H, W) float32 that a ``Preprocessor`` made, so already valid: a ``Runtime`` method
+    given them skips the per-row check it applies to a caller's own float arrays (dtype, size, NaN). Services and
+    bulk jobs decode into these (``Runtime.prepare``, ``Prepared.concat``) so each row is checked once.
+    Constructing one by hand opts out of that check; a row the graph cannot take is then an ``InferenceError``."""
+
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @staticmethod
+    def concat(parts: Sequence[Prepared]) -> Prepared:
+        """Several requests' rows as one batch, in order."""
+        return Prepared(np.concatenate([part.rows for part in parts]) if len(parts) != 1 else parts[0].rows)
+
 
 def item_error_message(index: int, source: str, message: str) -> str:
     """``image 3 (a.jpg): truncated image``: the input's index and name said once."""
     if message.startswith(source):
         return f"image {index}: {message}"
     return f"image {index} ({source}): {message}"
-
-
-def preprocess_one(
-    source: ImageSource, size: int | Sequence[int], rgb_stats: dict[str, Sequence[float]], **options: Any
-) -> np.ndarray:
-    """One image -> (3, H, W) float32 (``preprocess``'s options)."""
-    return preprocess([source], size, rgb_stats, **options)[0]
 
 
 def preprocess(
@@ -485,6 +532,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_FILE_BYTES",
     "MAX_PIXELS",
+    "Prepared",
     "Preprocessor",
     "describe",
     "is_image_file",
@@ -493,7 +541,6 @@ __all__ = [
     "apply_exif_orientation",
     "load_image",
     "preprocess",
-    "preprocess_one",
     "resize_and_crop",
     "resize_spec",
     "to_array",

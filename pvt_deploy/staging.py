@@ -1,12 +1,11 @@
-"""Staging folders that the next run can clean up, and a lock so two runs never share one output.
+"""Staging folders that the next run can clean up, and Ctrl-C that libraries cannot swallow.
 
 A command that builds ``OUT`` writes into a hidden sibling named ``.OUT.<tag>-<pid>-<starttime>`` and renames it
 into place at the end. If the process is killed (SIGKILL, power loss) that sibling stays behind; the name says which
 process made it, and ``clean_stale_staging`` removes it once that process no longer exists. The start time (field 22
 of ``/proc/<pid>/stat``) tells a dead run from a new process that happens to have the same pid.
 
-``OutputLock`` holds an ``flock`` on ``.OUT.lock``: the kernel drops it when the process dies, so a lock is never
-stale, and the pid written inside names the run that holds it.
+The lock that keeps two runs off one output is ``pvt_deploy.files.OutputLock``.
 
 ``sticky_interrupts`` makes Ctrl-C reliable around libraries that swallow it: onnxsim's C++ wraps its Python
 callbacks (onnxruntime constant folding, shape inference) in catch-all blocks, so a ``KeyboardInterrupt`` raised
@@ -18,23 +17,14 @@ Torch-free, standard library only.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import shutil
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType, TracebackType
-
-from pvt_deploy.errors import OutputError
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no flock, the lock is a no-op there
-    fcntl = None  # type: ignore[assignment]
+from types import FrameType
 
 _TAG = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -78,7 +68,8 @@ def staging_path(final: Path, tag: str) -> Path:
 def _staging_owner(entry: str, name: str) -> tuple[int, int | None] | None:
     """(pid, start time) encoded in a staging name of ``name``, or None when ``entry`` is not one.
 
-    Also recognizes the older ``.<name>.partial-<pid>-<hex>`` and ``<name>.tmp-<pid>`` names (no start time)."""
+    ``.<name>.<tag>-<pid>-<hex>`` and ``<name>.tmp-<pid>`` carry no start time: they count as stale once the pid is
+    gone."""
     prefix = f".{name}."
     if entry.startswith(prefix):
         match = re.fullmatch(r"([A-Za-z0-9_]+)-(\d+)-([0-9a-f]+)", entry[len(prefix) :])
@@ -128,79 +119,6 @@ def describe_removed(removed: list[Path]) -> str:
     names = ", ".join(p.name for p in removed)
     plural = "s" if len(removed) != 1 else ""
     return f"removed {len(removed)} leftover{plural} of interrupted runs: {names}"
-
-
-def lock_path(path: Path) -> Path:
-    path = Path(path)
-    return path.with_name(f".{path.name}.lock")
-
-
-class OutputLock:
-    """Exclusive use of an output path for one process: ``with OutputLock(out): ...``.
-
-    Non-blocking: a second run fails at once with ``OutputError("another run (pid N) is using OUT")``. The lock
-    file is removed on release; a run that opened the file just before that re-checks the inode and retries."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.lock_file = lock_path(self.path)
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        if fcntl is None:  # pragma: no cover
-            return
-        while True:
-            try:
-                self.lock_file.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise OutputError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise OutputError(f"cannot lock {self.path}: {exc.strerror}") from None
-                raise OutputError(f"another run (pid {self._holder()}) is using {self.path}") from None
-            try:
-                same_file = os.fstat(fd).st_ino == os.stat(self.lock_file).st_ino
-            except FileNotFoundError:
-                same_file = False
-            if same_file:
-                break
-            os.close(fd)  # the holder released and removed the file between our open and flock
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-
-    def _holder(self) -> str:
-        for _ in range(20):  # the holder writes its pid right after taking the lock
-            try:
-                text = self.lock_file.read_text().strip()
-            except OSError:
-                text = ""
-            if text.isdigit():
-                return text
-            time.sleep(0.01)
-        return "unknown"
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            self.lock_file.unlink(missing_ok=True)
-        finally:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-
-    def __enter__(self) -> OutputLock:
-        self.acquire()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.release()
 
 
 _interrupted = threading.Event()

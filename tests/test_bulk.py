@@ -26,10 +26,10 @@ from click.testing import CliRunner, Result
 
 from pvt_deploy import Runtime
 from pvt_deploy.cli import cli
-from pvt_deploy.errors import OutputError, UsageError
+from pvt_deploy.errors import JobInterrupted, OutputError, UsageError
+from pvt_deploy.files import OutputLock
 from pvt_deploy.jobs import (
     JobEvents,
-    JobInterrupted,
     JobPlan,
     JobSpec,
     Part,
@@ -41,7 +41,6 @@ from pvt_deploy.jobs import (
 )
 from pvt_deploy.jobs.store import partial_dir
 from pvt_deploy.runtime.config import RuntimeConfig, cpu_count, max_threads
-from pvt_deploy.staging import OutputLock
 
 REPO = Path(__file__).resolve().parent.parent
 

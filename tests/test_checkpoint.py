@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pvt_deploy.errors import CheckpointError
-from pvt_deploy.manifest import sha256_file
+from pvt_deploy.files import sha256_file
 from pvt_deploy.model.checkpoint import (
     infer_config,
     load_checkpoint,

@@ -10,8 +10,8 @@ import sys
 import onnx
 import onnxruntime as ort
 
-from pvt_deploy.contract import METADATA_KEY, PILLOW_MODE_RULES, preprocess_contract
 from pvt_deploy.export.onnx_io import PRODUCER_NAME, used_domains
+from pvt_deploy.format.contract import METADATA_KEY, PILLOW_MODE_RULES, preprocess_contract
 from pvt_deploy.preprocess import BIRDER_RGB_STATS
 
 
@@ -51,5 +51,5 @@ def test_graphs_import_only_used_domains_and_share_a_producer(tiny_export_dir) -
 
 
 def test_contract_module_is_torch_free() -> None:
-    code = "import sys, pvt_deploy.contract; assert 'torch' not in sys.modules"
+    code = "import sys, pvt_deploy.format.contract; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

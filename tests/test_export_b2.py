@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from pvt_deploy.cli import cli
-from pvt_deploy.manifest import read_manifest
+from pvt_deploy.format.manifest import load_manifest
 
 
 @pytest.mark.slow
@@ -17,7 +17,7 @@ def test_b2_384_exports_and_verifies(tmp_path: Path) -> None:
     runner = CliRunner()
     exported = runner.invoke(cli, ["export", "pvt_v2_b2", "--random-weights", "--out", str(out)])
     assert exported.exit_code == 0, exported.output
-    manifest = read_manifest(out)
+    manifest = load_manifest(out).to_json()
     assert manifest["network"] == "pvt_v2_b2" and manifest["num_classes"] == 550
     outputs = {o["name"]: o["shape"] for o in manifest["graphs"]["classify"]["fp32"]["outputs"]}
     assert outputs == {"probabilities": ["batch", 550], "logits": ["batch", 550], "embedding": ["batch", 512]}
@@ -30,7 +30,7 @@ def test_b2_384_exports_and_verifies(tmp_path: Path) -> None:
 
     verified = runner.invoke(cli, ["verify", str(out)])
     assert verified.exit_code == 0, verified.output
-    results = read_manifest(out)["parity"]["verify"]["results"]
+    results = load_manifest(out).to_json()["parity"]["verify"]["results"]
     assert results["classify/fp32"]["outputs"]["probabilities"]["max_abs"] <= 1e-5
     assert results["embed/fp32"]["outputs"]["embedding"]["cosine_min"] >= 0.99999
     print(verified.output)  # the table docs/export.md quotes (pytest -s)

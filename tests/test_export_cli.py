@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from pvt_deploy.cli import cli
 from pvt_deploy.errors import ExportError, OutputError
-from pvt_deploy.manifest import GRAPH_OUTPUTS, INPUT_NAME, MetadataKey, read_manifest
+from pvt_deploy.format.manifest import GRAPH_OUTPUTS, INPUT_NAME, MetadataKey, load_manifest
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -82,7 +82,7 @@ def test_force_replaces_and_random_weights_are_labelled(tmp_path: Path) -> None:
     assert result.output.strip().splitlines()[-1] == f"Next: pvt-deploy predict {out} IMAGE"
     assert not (out / "stale.txt").exists()
     assert _leftovers(tmp_path) == ["tiny-random"]
-    manifest = read_manifest(out)
+    manifest = load_manifest(out).to_json()
     assert manifest["random_weights"] is True
     assert manifest["source"]["random_weights"]["seed"] == 0
     assert manifest["num_classes"] == 550 and manifest["input"]["size"] == [384, 384]
@@ -94,7 +94,7 @@ def test_force_replaces_and_random_weights_are_labelled(tmp_path: Path) -> None:
     verified = runner.invoke(cli, ["verify", str(out)])
     assert verified.exit_code == 0, verified.output
     assert "random weights regenerated from seed 0" in verified.output
-    assert read_manifest(out)["parity"]["verify"]["passed"] is True
+    assert load_manifest(out).to_json()["parity"]["verify"]["passed"] is True
 
 
 def test_offline_published_export_suggests_random_weights(tmp_path: Path, monkeypatch) -> None:
@@ -149,7 +149,7 @@ def test_dynamic_size_graphs_run_at_other_sizes(tiny_dynamic_export_dir: Path, t
     from pvt_deploy.export.graphs import reference_all
     from pvt_deploy.model.checkpoint import load_checkpoint
 
-    manifest = read_manifest(tiny_dynamic_export_dir)
+    manifest = load_manifest(tiny_dynamic_export_dir).to_json()
     assert manifest["input"]["dynamic_size"] is True
     assert manifest["graphs"]["embed"]["fp32"]["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
     checked = {tuple(run[1:]) for run in manifest["parity"]["export"]["features/fp32"]["runs"]}
@@ -183,7 +183,7 @@ def test_int8_variant_is_exported_labelled_and_verified(tmp_path: Path, tiny_che
     runner = CliRunner()
     result = runner.invoke(cli, ["export", str(tiny_checkpoint), "--out", str(out), "--precision", "fp32,int8"])
     assert result.exit_code == 0, result.output
-    manifest = read_manifest(out)
+    manifest = load_manifest(out).to_json()
     for graph in GRAPH_OUTPUTS:
         assert manifest["graphs"][graph]["int8"]["file"] == f"{graph}.int8.onnx"
         assert manifest["parity"]["export"][f"{graph}/int8"]["passed"] is True
@@ -191,7 +191,7 @@ def test_int8_variant_is_exported_labelled_and_verified(tmp_path: Path, tiny_che
     assert meta.get_modelmeta().custom_metadata_map[MetadataKey.PRECISION] == "int8"
     verified = runner.invoke(cli, ["verify", str(out)])
     assert verified.exit_code == 0, verified.output
-    assert set(read_manifest(out)["parity"]["verify"]["results"]) == {
+    assert set(load_manifest(out).to_json()["parity"]["verify"]["results"]) == {
         f"{g}/{p}" for g in GRAPH_OUTPUTS for p in ("fp32", "int8")
     }
 
@@ -223,10 +223,10 @@ def test_optimized_graph_failing_parity_is_replaced_by_the_simplified_one(
     monkeypatch.setattr(precision, "optimize_fp32", wrong_rewrite)
     manifest = exporter.export_model(load_checkpoint(tiny_checkpoint), tmp_path / "out")
     for graph in GRAPH_OUTPUTS:
-        step = manifest["export"]["steps"][graph]["optimize_fp32"]
+        step = manifest.export.steps[graph]["optimize_fp32"]
         assert step["applied"] is False and step["reason"].startswith("rejected: parity"), (graph, step)
-        assert manifest["parity"]["export"][f"{graph}/fp32"]["passed"] is True
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*manifest["files"], "manifest.json"])
+        assert manifest.parity["export"][f"{graph}/fp32"]["passed"] is True
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*manifest.files, "manifest.json"])
 
 
 def test_parity_failure_aborts_the_export(tmp_path: Path, tiny_checkpoint: Path, monkeypatch) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from pvt_deploy.manifest import GRAPH_OUTPUTS, INPUT_NAME
+from pvt_deploy.format.manifest import GRAPH_OUTPUTS, INPUT_NAME
 
 
 @pytest.mark.gpu

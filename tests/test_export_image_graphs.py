@@ -12,6 +12,7 @@ from PIL import Image
 
 from pvt_deploy.errors import ImageError, ModelDirError
 from pvt_deploy.export.preprocess_graph import preprocess_graph
+from pvt_deploy.format.codec import to_json
 from pvt_deploy.preprocess import BIRDER_RGB_STATS, to_rgb
 from pvt_deploy.runtime.runtime import Runtime
 
@@ -54,13 +55,15 @@ def runtimes(tiny_export_dir):
 
 def test_export_writes_image_graphs_and_labels(tiny_export_dir) -> None:
     manifest = Runtime(tiny_export_dir).manifest
-    assert set(manifest["image_graphs"]) == {"classify", "embed"}
-    for entry in manifest["image_graphs"].values():
-        assert entry["file"] in manifest.files
-        assert entry["inputs"] == [{"name": "image", "shape": ["height", "width", "channels"], "dtype": "uint8"}]
+    assert set(manifest.image_graphs) == {"classify", "embed"}
+    for entry in manifest.image_graphs.values():
+        assert entry.file in manifest.files
+        assert [to_json(spec) for spec in entry.inputs] == [
+            {"name": "image", "shape": ["height", "width", "channels"], "dtype": "uint8"}
+        ]
     labels = (tiny_export_dir / "labels.txt").read_text(encoding="utf-8").splitlines()
     assert labels == list(manifest.labels)
-    assert manifest["parity"]["export"]["classify/image"]["max_abs"] <= 1e-5
+    assert manifest.parity["export"]["classify/image"]["max_abs"] <= 1e-5
 
 
 def test_graph_path_matches_python_on_photos(runtimes, photo_paths) -> None:
@@ -115,3 +118,42 @@ def test_graph_mode_refuses_what_it_cannot_run(tiny_export_dir, runtimes) -> Non
     assert result.ok.tolist() == [True, False] and np.isnan(result.value[1]).all()
     with pytest.raises(ValueError, match="preprocess must be one of"):
         Runtime(tiny_export_dir, preprocess="pillow")
+
+
+@pytest.mark.parametrize("shape", [(0, 0, 3), (0, 5, 3), (5, 0, 1), (5, 5, 5), (5, 5, 2)])
+def test_image_graphs_refuse_what_the_contract_forbids_when_called_directly(tiny_export_dir, shape) -> None:
+    """Clients in other languages call the image graphs without Runtime: the graph itself fails on an image with
+    no pixels or a channel count other than 1, 3 or 4 (it answered finite probabilities before)."""
+    for name in ("classify.image.onnx", "embed.image.onnx"):
+        session = ort.InferenceSession(str(tiny_export_dir / name))
+        with pytest.raises(Exception, match="Reshape"):
+            session.run(None, {"image": np.zeros(shape, np.uint8)})
+        assert np.isfinite(
+            session.run(None, {"image": np.zeros((5, 7, shape[2] if shape[2] in (1, 3, 4) else 3), np.uint8)})[0]
+        ).all()
+
+
+def test_graph_mode_applies_the_python_paths_limits_before_the_graph_runs(tiny_export_dir, runtimes, tmp_path) -> None:
+    """A (20000, 20000, 3) array is refused by the pixel limit as one ImageError for its item (it reached
+    onnxruntime before); a file over the byte limit likewise, before it is read."""
+    _, graph = runtimes
+    huge = np.zeros((20000, 20000, 3), np.uint8)  # calloc'd: no page is touched
+    result = graph.classify([huge, np.zeros((70, 70, 3), np.uint8)], on_error="collect")
+    assert result.ok.tolist() == [False, True]
+    assert "exceeds the limit" in str(result.errors[0])
+    with pytest.raises(ImageError, match="pixels exceeds the limit of 1000"):
+        Runtime(tiny_export_dir, preprocess="graph", max_pixels=1000).classify(np.zeros((40, 40, 3), np.uint8))
+    image = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    limited = Runtime(tiny_export_dir, preprocess="graph", max_image_bytes=image.stat().st_size - 1)
+    with pytest.raises(ImageError, match="exceeds the image file limit"):
+        limited.classify(image)
+
+
+def test_graph_mode_bounds_the_resize_weights_of_a_long_thin_image(tiny_export_dir) -> None:
+    """The image graphs' resize weights grow with the sides: a 1 x 100,000 image passes the pixel limit but is
+    refused by the decoded-memory bound (here scaled down with max_pixels) before the graph runs."""
+    runtime = Runtime(tiny_export_dir, preprocess="graph", max_pixels=100_000)
+    with pytest.raises(ImageError, match="bytes of resize weights"):
+        runtime.classify(np.zeros((1, 100_000, 3), np.uint8))
+    assert np.isfinite(runtime.classify(np.zeros((200, 300, 3), np.uint8))).all()

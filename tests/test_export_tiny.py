@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from pvt_deploy.manifest import GRAPH_OUTPUTS, INPUT_NAME, MetadataKey, read_manifest, verify_files
+from pvt_deploy.format.manifest import GRAPH_OUTPUTS, INPUT_NAME, MetadataKey, load_manifest, verify_files
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -17,11 +17,11 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def test_export_writes_three_graphs_and_a_consistent_manifest(tiny_export_dir: Path, tiny_checkpoint: Path) -> None:
-    manifest = read_manifest(tiny_export_dir)
+    manifest = load_manifest(tiny_export_dir).to_json()
     assert set(manifest["graphs"]) == {"classify", "embed", "features"}
     for name in ("classify.onnx", "embed.onnx", "features.onnx"):
         assert name in manifest["files"]
-    verify_files(tiny_export_dir, manifest)  # every listed file matches its sha256 and size
+    verify_files(load_manifest(tiny_export_dir))  # every listed file matches its sha256 and size
     listed = set(manifest["files"]) | {"manifest.json"}
     assert {p.name for p in tiny_export_dir.iterdir()} == listed
     assert manifest["source"]["path"] == str(tiny_checkpoint.resolve())
@@ -39,7 +39,7 @@ def test_export_writes_three_graphs_and_a_consistent_manifest(tiny_export_dir: P
 
 
 def test_metadata_reads_back_through_onnxruntime(tiny_export_dir: Path, tiny_checkpoint: Path) -> None:
-    from pvt_deploy.manifest import sha256_file
+    from pvt_deploy.files import sha256_file
 
     for graph in GRAPH_OUTPUTS:
         meta = _session(tiny_export_dir / f"{graph}.onnx").get_modelmeta().custom_metadata_map

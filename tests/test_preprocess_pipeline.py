@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pvt_deploy import Runtime
-from pvt_deploy.manifest import load_manifest
+from pvt_deploy.format.manifest import load_manifest
 from pvt_deploy.preprocess import Preprocessor, preprocess
 
 MODES = ("1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA", "I;16", "I", "F")
@@ -47,7 +47,7 @@ def test_every_input_kind_gives_the_same_tensor_everywhere(tiny_export_dir: Path
             return io.BytesIO(item.getvalue()) if isinstance(item, io.BytesIO) else item
 
         from_runtime = runtime.preprocess(fresh())
-        from_function = preprocess(fresh(), spec.size, spec.rgb_stats, center_crop=spec.resize.center_crop)
+        from_function = preprocess(fresh(), spec.size, spec.rgb_stats.as_dict(), center_crop=spec.resize.center_crop)
         np.testing.assert_array_equal(from_runtime, from_function, err_msg=kind)
         np.testing.assert_array_equal(from_runtime[0], pipeline(fresh()), err_msg=kind)
         np.testing.assert_array_equal(runtime.preprocess(from_runtime), from_runtime, err_msg=kind)  # NCHW as is
@@ -73,10 +73,10 @@ def test_verify_and_calibration_use_the_runtime_pipeline(
     for path in photo_paths:
         (calib / path.name).write_bytes(path.read_bytes())
     spec = runtime.manifest.input
-    source = SimpleNamespace(size=spec.size, rgb_stats=spec.rgb_stats)
+    source = SimpleNamespace(size=spec.size, rgb_stats=spec.rgb_stats.as_dict())
     batches = _calibration_batches(calib, source, batch=4)  # type: ignore[arg-type]
     np.testing.assert_array_equal(np.concatenate(batches), runtime.preprocess(sorted(calib.iterdir())))
 
     from pvt_deploy.train.augment import eval_batch  # train's evaluation view
 
-    np.testing.assert_array_equal(eval_batch(photo_paths, spec.size, spec.rgb_stats).numpy(), expected)
+    np.testing.assert_array_equal(eval_batch(photo_paths, spec.size, spec.rgb_stats.as_dict()).numpy(), expected)

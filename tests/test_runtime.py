@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import struct
 import threading
@@ -16,16 +17,17 @@ from PIL import Image
 
 from pvt_deploy import Runtime
 from pvt_deploy.errors import ImageError, ModelDirError
-from pvt_deploy.manifest import read_manifest
+from pvt_deploy.format.manifest import load_manifest
 from pvt_deploy.preprocess import preprocess
 from pvt_deploy.runtime import BatchResult, DeviceError, sessions
+from pvt_deploy.runtime.config import RuntimeConfig
 
 # --- fixtures -------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy: the Runtime writes its optimized-graph cache into the folder, the shared fixture is read-only."""
+    """A private copy, for tests that change files in it (the shared fixture is read-only)."""
     return Path(shutil.copytree(tiny_export_dir, tmp_path_factory.mktemp("rt") / "model"))
 
 
@@ -117,7 +119,7 @@ def test_labels_and_metadata(runtime: Runtime, model_dir: Path) -> None:
     metadata = runtime.metadata
     assert metadata["manifest"]["num_classes"] == 10
     assert metadata["preprocess"]["size"] == [64, 64]
-    assert metadata["preprocess"]["rgb_stats"] == read_manifest(model_dir)["input"]["rgb_stats"]
+    assert metadata["preprocess"]["rgb_stats"] == load_manifest(model_dir).to_json()["input"]["rgb_stats"]
     assert metadata["device"] == "cpu" and metadata["precision"] == "fp32"
 
 
@@ -144,7 +146,7 @@ def test_every_input_kind_gives_the_same_answer(runtime: Runtime, photo_paths: l
 
 
 def test_preprocess_is_the_models_own(runtime: Runtime, photo_paths: list[Path], model_dir: Path) -> None:
-    section = read_manifest(model_dir)["input"]
+    section = load_manifest(model_dir).to_json()["input"]
     expected = preprocess(photo_paths, section["size"], section["rgb_stats"])
     np.testing.assert_array_equal(runtime.preprocess(photo_paths), expected)
 
@@ -266,8 +268,8 @@ def test_missing_graph_is_a_model_dir_error(tiny_export_dir: Path, tmp_path: Pat
 def test_no_optimized_graph_cache_is_written_or_read(
     tiny_export_dir: Path, tmp_path: Path, photo_paths: list[Path]
 ) -> None:
-    """The cache was dropped (it did not pay for itself, docs/runtime.md): nothing is written into the folder, and
-    a leftover ``.ort-cache/`` from an older version (here: a poisoned one) is never read."""
+    """No optimized graph is saved (it would not pay for itself, docs/runtime.md): nothing is written into the
+    folder, and an ``.ort-cache/`` found in it (here: a poisoned one) is never read."""
     folder = Path(shutil.copytree(tiny_export_dir, tmp_path / "model"))
     before = sorted(p.name for p in folder.iterdir())
     expected = Runtime(folder, device="cpu").classify(photo_paths)
@@ -277,7 +279,6 @@ def test_no_optimized_graph_cache_is_written_or_read(
     (poisoned / "model.onnx").write_bytes((folder / "embed.onnx").read_bytes())
     (poisoned / "record.json").write_text("{}")
     np.testing.assert_array_equal(Runtime(folder, device="cpu").classify(photo_paths), expected)
-    assert not Runtime(folder, device="cpu").load(["classify"]).session("classify").from_cache
 
 
 # --- devices, threads -----------------------------------------------------------------------------------------------
@@ -347,9 +348,9 @@ def test_sessions_are_created_once_under_concurrency(model_dir: Path) -> None:
     created: list[str] = []
     original = runtime._create_session
 
-    def counting(graph: str) -> sessions.GraphSession:
+    def counting(graph: str, image: bool) -> sessions.GraphSession:
         created.append(graph)
-        return original(graph)
+        return original(graph, image)
 
     runtime._create_session = counting  # type: ignore[method-assign]
     threads = [threading.Thread(target=runtime.embed, args=(np.zeros((64, 64, 3), np.uint8),)) for _ in range(8)]
@@ -399,3 +400,44 @@ def test_cuda_provider_that_fails_to_load(model_dir: Path, monkeypatch: pytest.M
         probabilities = runtime.classify(image)
     assert runtime.active_device == "cpu"
     np.testing.assert_array_equal(probabilities, Runtime(model_dir, device="cpu").classify(image))
+
+
+def test_prepared_rows_are_checked_once(runtime: Runtime, photo_paths: list[Path], monkeypatch) -> None:
+    """Rows a caller hands in are checked (dtype, size, NaN) once per run; rows the runtime itself decoded
+    (``Runtime.prepare``) are not checked again inside the run, and give the same answers."""
+    from pvt_deploy.preprocess import Preprocessor
+
+    checked: list[tuple[int, ...]] = []
+    original = Preprocessor.validate_preprocessed
+
+    def counting(self: Preprocessor, array: np.ndarray) -> np.ndarray:
+        checked.append(array.shape)
+        return original(self, array)
+
+    monkeypatch.setattr(Preprocessor, "validate_preprocessed", counting)
+    prepared = runtime.prepare(photo_paths[:3])
+    assert checked == []  # decoding makes valid rows; nothing to check
+    from_prepared = runtime.classify(prepared)
+    assert checked == []
+    from_floats = runtime.classify(prepared.rows)
+    assert len(checked) == 3  # a caller's own float rows: checked once each
+    np.testing.assert_array_equal(from_prepared, from_floats)
+    two = type(prepared).concat([prepared, runtime.prepare(photo_paths[3])])
+    assert len(two) == 4 and np.array_equal(runtime.embed(two)[:3], runtime.embed(prepared))
+
+
+def test_describe_is_the_one_published_description(model_dir: Path) -> None:
+    """What services publish about a folder: identity, labels, input, the contract as manifest.json holds it,
+    graphs and image graphs, and the whole run configuration (so a worker built from it runs the same)."""
+    runtime = Runtime(model_dir, device="cpu", batch_size=3)
+    described = runtime.describe()
+    document = load_manifest(model_dir).to_json()
+    assert described["random_weights"] is document["random_weights"] is False
+    assert described["network"] == document["network"] and described["labels"] == document["labels"]
+    assert described["input"] == {"name": "input", "size": [64, 64], "dynamic_size": False}
+    assert described["preprocess"] == document["input"]["preprocess"]
+    assert set(described["image_graphs"]) == {"classify", "embed"}
+    assert described["image_graphs"]["embed"] == {"file": "embed.image.onnx", "outputs": ["embedding"]}
+    assert described["batch_size"] == 3 and described["config"]["batch_size"] == 3
+    assert Runtime(model_dir, config=RuntimeConfig.from_json(described["config"])).config == runtime.config
+    json.dumps(described)  # plain JSON

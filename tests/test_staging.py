@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from pvt_deploy.errors import OutputError
+from pvt_deploy.files import OutputLock
 from pvt_deploy.staging import (
-    OutputLock,
     clean_stale_staging,
     describe_removed,
     process_start_time,
@@ -85,7 +85,7 @@ def test_lock_of_a_killed_process_is_not_stale(tmp_path: Path):
     script = textwrap.dedent(
         f"""
         import sys, time
-        from pvt_deploy.staging import OutputLock
+        from pvt_deploy.files import OutputLock
         lock = OutputLock({str(out)!r}); lock.acquire()
         print("locked", flush=True); time.sleep(60)
         """

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from pvt_deploy.cli import cli
 from pvt_deploy.errors import OutputError
-from pvt_deploy.staging import OutputLock, process_start_time
+from pvt_deploy.files import OutputLock
+from pvt_deploy.staging import process_start_time
 
 
 def _dead_pid() -> int:
@@ -134,7 +135,7 @@ def test_embed_refuses_an_output_another_run_is_using(tmp_path: Path, tiny_expor
         [
             sys.executable,
             "-c",
-            f"import time; from pvt_deploy.staging import OutputLock; l = OutputLock({str(out)!r}); l.acquire(); "
+            f"import time; from pvt_deploy.files import OutputLock; l = OutputLock({str(out)!r}); l.acquire(); "
             "print('locked', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,

@@ -21,8 +21,8 @@ from PIL import Image
 
 from pvt_deploy import Runtime
 from pvt_deploy.cli import cli
-from pvt_deploy.errors import ImageError, ModelDirError
-from pvt_deploy.manifest import MANIFEST_NAME, sha256_file
+from pvt_deploy.errors import ImageError, InferenceError, ModelDirError
+from pvt_deploy.format.manifest import MANIFEST_NAME, sha256_file
 
 onnx = pytest.importorskip("onnx")
 
@@ -224,7 +224,7 @@ def test_runtime_uses_the_manifest_outputs_of_a_three_stage_features_graph(
         ("graph-not-in-files", "is not listed \\(with its sha256\\)"),
         ("no-input-section", "no 'input' section"),
         ("files-is-a-list", "'files' must map"),
-        ("graph-entry-is-a-number", "needs a 'file'"),
+        ("graph-entry-is-a-number", "must be \\{'file'"),
         ("labels-disagree-with-classes", "labels for 10 classes"),
     ],
 )
@@ -332,3 +332,124 @@ def test_zero_pixel_images_are_empty_image_errors(runtime: Runtime, image: Any) 
         runtime.classify(image)
     result = runtime.classify([image, np.zeros((64, 64, 3), np.uint8)], on_error="collect")
     assert result.ok.tolist() == [False, True] and "empty image" in str(result.errors[0])
+
+
+# --- 7. onnxruntime failures at run time ----------------------------------------------------------------------------
+
+
+def _exploding_classifier(path: Path, metadata_from: Path) -> None:
+    """A classify graph that matches the manifest (64x64 in, 10 classes, 128-d embedding) but asks onnxruntime, at
+    run time, for a [2000000 * batch, 2000000] float tensor (a ConstantOfShape whose shape depends on the input, so
+    nothing is folded when the session is created)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name: str, value: np.ndarray) -> Any:
+        return numpy_helper.from_array(value, name)
+
+    nodes = [
+        helper.make_node("ReduceMean", ["input"], ["pooled"], axes=[2, 3], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "head"], ["raw_logits"]),
+        helper.make_node("MatMul", ["pooled", "project"], ["embedding"]),
+        helper.make_node("Shape", ["input"], ["input_shape"]),
+        helper.make_node("Slice", ["input_shape", "zero", "one"], ["batch"]),
+        helper.make_node("Mul", ["batch", "huge"], ["rows"]),
+        helper.make_node("Concat", ["rows", "huge"], ["big_shape"], axis=0),
+        helper.make_node("ConstantOfShape", ["big_shape"], ["big"]),
+        helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+        helper.make_node("Mul", ["total", "nothing"], ["zero_total"]),
+        helper.make_node("Add", ["raw_logits", "zero_total"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    initializers = [
+        const("head", np.ones((3, 10), np.float32)),
+        const("project", np.ones((3, 128), np.float32)),
+        const("zero", np.array([0], np.int64)),
+        const("one", np.array([1], np.int64)),
+        const("huge", np.array([2_000_000], np.int64)),
+        const("nothing", np.array(0.0, np.float32)),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "exploding",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 64, 64])],
+        [
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10]),
+            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 128]),
+        ],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model.metadata_props.extend(onnx.load(str(metadata_from), load_external_data=False).metadata_props)
+    onnx.save(model, str(path))
+
+
+def test_an_onnxruntime_run_failure_is_one_typed_error_line(
+    tiny_export_dir: Path, tmp_path: Path, photo_paths: list[Path]
+) -> None:
+    """A graph that passes every load-time check but cannot allocate what it asks for at run time is one
+    InferenceError (exit 5, one ``Error:`` line), not an onnxruntime traceback with exit 1."""
+    folder = copy_model(tiny_export_dir, tmp_path)
+    _exploding_classifier(folder / "classify.onnx", tiny_export_dir / "classify.onnx")
+    rehash(folder, "classify.onnx")
+    runtime = Runtime(folder, device="cpu")
+    runtime.load(["classify"])  # loads and agrees with the manifest: the failure is the run's
+    with pytest.raises(InferenceError, match="onnxruntime could not run classify.onnx"):
+        runtime.classify(photo_paths[0])
+    result = invoke("predict", folder, photo_paths[0], "--device", "cpu")
+    assert result.exit_code == InferenceError.exit_code == 5, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("Error: onnxruntime could not run classify.onnx"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _external_tensor(name: str, location: str, values: np.ndarray) -> Any:
+    from onnx import TensorProto
+
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(values.shape))
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(values.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+@pytest.mark.parametrize("place", ["function-constant", "function-default-attribute", "if-subgraph"])
+def test_external_data_reached_through_functions_and_subgraphs_must_be_listed(
+    place: str, tiny_export_dir: Path, tmp_path: Path, photo_paths: list[Path]
+) -> None:
+    """``unlisted.bin`` sits in the folder but not in the manifest: a tensor reading it from a model-local
+    function's Constant (it loaded and ``predict`` exited 0), a function's attribute default or an If branch is
+    refused before onnxruntime opens it (exit 5)."""
+    from onnx import helper
+
+    folder = copy_model(tiny_export_dir, tmp_path)
+    np.zeros(10, np.float32).tofile(folder / "unlisted.bin")
+    path = folder / "classify.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    tensor = _external_tensor("offset_value", "unlisted.bin", np.zeros(10, np.float32))
+    if place == "if-subgraph":
+        branch = helper.make_graph(
+            [helper.make_node("Constant", [], ["branch_out"], value=tensor)],
+            "branch",
+            [],
+            [helper.make_tensor_value_info("branch_out", onnx.TensorProto.FLOAT, [10])],
+        )
+        model.graph.node.append(
+            helper.make_node("If", ["unused_condition"], ["unused"], then_branch=branch, else_branch=branch)
+        )
+    else:
+        if place == "function-constant":
+            nodes = [helper.make_node("Constant", [], ["c"], value=tensor), helper.make_node("Add", ["x", "c"], ["y"])]
+            defaults = []
+        else:
+            nodes = [helper.make_node("Identity", ["x"], ["y"])]
+            defaults = [helper.make_attribute("unused", tensor)]
+        function = helper.make_function(
+            "pvt.test", "Offset", ["x"], ["y"], nodes, [helper.make_opsetid("", 17)], attribute_protos=defaults
+        )
+        model.functions.append(function)
+        model.opset_import.append(helper.make_opsetid("pvt.test", 1))
+    onnx.save(model, str(path))
+    rehash(folder, "classify.onnx")
+    assert_refused(folder, photo_paths[0], "reads external data 'unlisted.bin'")

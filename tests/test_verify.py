@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from pvt_deploy.cli import cli
 from pvt_deploy.errors import CheckpointError, ModelDirError, VerificationError
-from pvt_deploy.manifest import read_manifest, verify_files
+from pvt_deploy.format.manifest import load_manifest, verify_files
 
 
 @pytest.fixture
@@ -31,11 +31,11 @@ def test_verify_prints_table_and_records_results(export_copy: Path, photo_paths:
         ("features", "stage4"),
     }
     assert all(row[-1] == "ok" for row in rows)  # fp32 only: every output has a threshold
-    recorded = read_manifest(export_copy)["parity"]["verify"]
+    recorded = load_manifest(export_copy).to_json()["parity"]["verify"]
     assert recorded["passed"] is True
     assert recorded["inputs"]["photos"] == sorted(p.name for p in photo_paths)
     assert recorded["results"]["classify/fp32"]["outputs"]["probabilities"]["max_abs"] <= 1e-5
-    verify_files(export_copy, read_manifest(export_copy))  # rewriting the manifest changed no checksummed file
+    verify_files(load_manifest(export_copy))  # rewriting the manifest changed no checksummed file
 
 
 @pytest.mark.parametrize("name", ["classify.onnx", "weights.bin"])
@@ -45,7 +45,7 @@ def test_corrupted_file_is_refused(export_copy: Path, name: str) -> None:
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(ModelDirError, match="checksum mismatch"):
-        verify_files(export_copy, read_manifest(export_copy))
+        verify_files(load_manifest(export_copy))
     result = CliRunner().invoke(cli, ["verify", str(export_copy)])
     assert result.exit_code == ModelDirError.exit_code
     assert (
@@ -71,6 +71,6 @@ def test_failed_threshold_exits_non_zero_and_is_recorded(export_copy: Path, monk
     assert result.exit_code == VerificationError.exit_code
     assert "FAIL" in result.output
     assert "classify/fp32 logits_max_abs" in result.output.splitlines()[-1]
-    recorded = read_manifest(export_copy)["parity"]["verify"]
+    recorded = load_manifest(export_copy).to_json()["parity"]["verify"]
     assert recorded["passed"] is False
     assert recorded["results"]["classify/fp32"]["checks"]["logits_max_abs"]["passed"] is False

@@ -34,13 +34,12 @@ from pvt_deploy.bench.runners import (
     OrtRuntimeRunner,
     OrtTensorRTRunner,
     Runner,
-    RunnerUnavailable,
     TorchCompileRunner,
     TorchEagerRunner,
     cuda_device_present,
 )
-from pvt_deploy.errors import BenchError
-from pvt_deploy.manifest import read_manifest
+from pvt_deploy.errors import BenchError, RunnerUnavailable
+from pvt_deploy.format.manifest import Manifest, load_manifest
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 Progress = Callable[[str], None]
@@ -66,9 +65,9 @@ class BenchConfig:
     checkpoint: Path | None = None
 
 
-def _input_images(config: BenchConfig, manifest: dict[str, Any]) -> tuple[np.ndarray, str]:
+def _input_images(config: BenchConfig, manifest: Manifest) -> tuple[np.ndarray, str]:
     """Real photos preprocessed exactly as the runtime does, or seeded noise where none are given."""
-    size = tuple(manifest["input"]["size"])
+    size = manifest.input.size
     if config.images is None:
         rng = np.random.default_rng(0)
         return rng.standard_normal((4, 3, *size), dtype=np.float32), "random normal inputs (no --images)"
@@ -102,7 +101,7 @@ def _fidelity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]
     }
 
 
-def _make_runners(config: BenchConfig, manifest: dict[str, Any], threads: int, tmp: Path) -> list[Runner]:
+def _make_runners(config: BenchConfig, manifest: Manifest, threads: int, tmp: Path) -> list[Runner]:
     from pvt_deploy.export.verify import reference_model
 
     exported = _exported_precisions(manifest)
@@ -145,23 +144,24 @@ def _copy_model(model: Any) -> Any:
     return copy.deepcopy(model)
 
 
-def _exported_precisions(manifest: dict[str, Any]) -> list[str]:
-    variants = (manifest.get("graphs") or {}).get("classify") or {}
+def _exported_precisions(manifest: Manifest) -> list[str]:
+    variants = manifest.graphs.get("classify") or {}
     return [p for p in ("fp32", "int8", "fp16") if p in variants]
 
 
 def run_bench(config: BenchConfig, progress: Progress | None = None, bar: Any = None) -> dict[str, Any]:
     """Run everything; returns the JSON-ready result (``report.py`` prints and plots it)."""
     log = progress or (lambda message: None)
-    manifest = read_manifest(config.model_dir)
+    manifest = load_manifest(config.model_dir)
     from pvt_deploy.model.pvt_v2 import PVT_V2_CONFIGS
 
-    network = manifest["network"]
-    size = tuple(manifest["input"]["size"])
-    config_overrides = (manifest.get("source") or {}).get("config")
-    overrides = config_overrides if isinstance(config_overrides, dict) else None
-    net_config = PVT_V2_CONFIGS[network].with_overrides(overrides)
-    flops = flops_per_image(net_config, size, int(manifest["num_classes"]))
+    network = manifest.network
+    if network not in PVT_V2_CONFIGS or manifest.num_classes is None:
+        raise BenchError(f"{config.model_dir}: the manifest names no known network and class count")
+    size = manifest.input.size
+    num_classes = manifest.num_classes
+    net_config = PVT_V2_CONFIGS[network].with_overrides(manifest.source.config)
+    flops = flops_per_image(net_config, size, num_classes)
     images, images_note = _input_images(config, manifest)
     started = time.perf_counter()
     result: dict[str, Any] = {
@@ -169,14 +169,14 @@ def run_bench(config: BenchConfig, progress: Progress | None = None, bar: Any = 
         "machine": _machine(),
         "model": {
             "dir": str(config.model_dir),
-            "name": manifest.get("model_name"),
+            "name": manifest.model_name,
             "network": network,
             "size": list(size),
-            "num_classes": manifest["num_classes"],
-            "random_weights": bool(manifest.get("random_weights")),
+            "num_classes": num_classes,
+            "random_weights": manifest.random_weights,
             "gflop_per_image": flops / 1e9,
             "gflop_per_image_with_attention_products": flops_per_image(
-                net_config, size, int(manifest["num_classes"]), attention_products=True
+                net_config, size, num_classes, attention_products=True
             )
             / 1e9,
         },
@@ -205,7 +205,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None, bar: Any = 
 
 def _bench_threads(
     config: BenchConfig,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     threads: int,
     images: np.ndarray,
     flops: float,

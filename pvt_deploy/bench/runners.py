@@ -13,11 +13,7 @@ from typing import Any
 import numpy as np
 
 from pvt_deploy.bench.measure import gpu_memory_used_mb
-from pvt_deploy.errors import PvtDeployError
-
-
-class RunnerUnavailable(PvtDeployError):
-    """A variant that cannot run here (no GPU, torch.compile failing or too slow): reported as skipped."""
+from pvt_deploy.errors import PvtDeployError, RunnerUnavailable
 
 
 class Runner:
@@ -235,7 +231,7 @@ class OrtTensorRTRunner(OrtRuntimeRunner):
         self.cache_dir = cache_dir
 
     def start(self, first_batch: np.ndarray) -> float:
-        from pvt_deploy.errors import PvtDeployError
+        from pvt_deploy.errors import RunnerUnavailable
         from pvt_deploy.runtime import Runtime
         from pvt_deploy.runtime.sessions import TENSORRT_PROVIDER
 

@@ -75,13 +75,11 @@ def export(
         )
     except DownloadError as exc:
         raise DownloadError(f"{exc}{_offline_hint(source)}") from None
-    for name, record in manifest["files"].items():
-        click.echo(f"  {name:24s} {record['size'] / 1e6:8.2f} MB  sha256 {record['sha256'][:16]}")
-    if manifest["random_weights"]:
+    for name, record in manifest.files.items():
+        click.echo(f"  {name:24s} {record.size / 1e6:8.2f} MB  sha256 {record.sha256[:16]}")
+    if manifest.random_weights:
         click.echo("NOTE: random weights (untrained); the labels class_000.. are placeholders.")
-    suffix = "-random-weights" if manifest["random_weights"] else ""
-    folder = out_dir if out_dir is not None else Path("exported") / f"{manifest['model_name']}{suffix}"
-    click.echo(f"Next: pvt-deploy predict {folder} IMAGE")
+    click.echo(f"Next: pvt-deploy predict {manifest.model_dir} IMAGE")
 
 
 def _offline_hint(source: str) -> str:

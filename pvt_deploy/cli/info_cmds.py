@@ -49,10 +49,9 @@ def _print_info(summary: dict[str, Any]) -> None:
             echo(f"graph:      {graph} [{precision}] {entry['file']}")
             echo(f"              in:  {_format_io(entry['inputs'])}")
             echo(f"              out: {_format_io(entry['outputs'])}")
-    for graph, entry in summary.get("image_graphs", {}).items():  # what clients in other languages call
+    for graph, entry in summary["image_graphs"].items():
         echo(f"graph:      {graph} [image input] {entry['file']}")
-        echo(f"              in:  {_format_io(entry['inputs'] or [])}")
-        echo(f"              out: {_format_io(entry['outputs'] or [])}")
+        echo(f"              in:  {_format_io(entry['inputs'])}")
     if summary["checksums_ok"]:
         echo(f"checksums:  OK ({summary['files']} files)")
     else:

@@ -24,6 +24,7 @@ import click
 import numpy as np
 
 from pvt_deploy.errors import ImageError, OutputError, UsageError
+from pvt_deploy.files import atomic_write_bytes
 from pvt_deploy.jobs import (
     DEFAULT_CHUNK_SIZE,
     ENGINES,
@@ -39,7 +40,6 @@ from pvt_deploy.jobs import (
     prediction_record,
     run_job,
 )
-from pvt_deploy.jobs.store import atomic_write_bytes
 from pvt_deploy.runtime.config import RuntimeConfig
 from pvt_deploy.runtime.runtime import Runtime
 from pvt_deploy.runtime.sessions import DEVICES

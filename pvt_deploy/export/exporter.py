@@ -11,7 +11,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,30 +21,40 @@ import onnxruntime as ort
 import torch
 
 from pvt_deploy import __version__
-from pvt_deploy.contract import METADATA_KEY as PREPROCESS_KEY
-from pvt_deploy.contract import preprocess_contract
 from pvt_deploy.errors import ExportError, ModelDirError, OutputError, PvtDeployError
 from pvt_deploy.export import onnx_io, precision, preprocess_graph
 from pvt_deploy.export.graphs import reference_all, wrap
 from pvt_deploy.export.parity import GraphParity, output_metrics
 from pvt_deploy.export.source import ExportSource, resolve_export_source
-from pvt_deploy.manifest import (
-    FORMAT_VERSION,
+from pvt_deploy.files import OutputLock, atomic_write_text
+from pvt_deploy.format.codec import read_dataclass, to_json
+from pvt_deploy.format.contract import METADATA_KEY as PREPROCESS_KEY
+from pvt_deploy.format.contract import PreprocessContract
+from pvt_deploy.format.manifest import (
     GRAPH_NAMES,
     GRAPH_OUTPUTS,
+    IMAGE_INPUT_NAME,
     INPUT_NAME,
     MANIFEST_NAME,
     PRECISIONS,
+    ExportRecord,
+    FileRecord,
+    GraphEntry,
+    InputSpec,
+    Manifest,
     MetadataKey,
     ResizeRule,
-    file_record,
+    RgbStats,
+    SharedWeights,
+    SourceRecord,
+    TensorSpec,
     graph_filename,
+    image_graph_filename,
     write_manifest,
 )
 from pvt_deploy.model.checkpoint import LoadedCheckpoint
 from pvt_deploy.model.pvt_v2 import BIRDER_LAYER_NORM_EPS
 from pvt_deploy.staging import (
-    OutputLock,
     clean_stale_staging,
     describe_removed,
     raise_if_interrupted,
@@ -59,7 +69,7 @@ DYNAMIC_SIZE_STEPS = (-4, -2, 0, 2)
 SHARED_WEIGHTS_NAME = "weights.bin"
 SHARE_WEIGHTS = True
 """One external-data file for the three fp32 graphs (measured in docs/export.md)."""
-RESIZE_RULE = ResizeRule(interpolation="bicubic", center_crop=1.0, rule="see input.preprocess").to_json()
+RESIZE_RULE = ResizeRule(interpolation="bicubic", center_crop=1.0, rule="see input.preprocess")
 """birder's inference_preset (center crop 1.0); the rules themselves are the contract at ``input.preprocess``."""
 SWEEP_SEED = 1234
 LABELS_NAME = "labels.txt"
@@ -141,8 +151,8 @@ def graph_metadata(source: ExportSource, graph: str, precision_name: str, dynami
         MetadataKey.RGB_STATS: json.dumps(source.rgb_stats),
         MetadataKey.INPUT_SIZE: json.dumps(list(source.size)),
         MetadataKey.DYNAMIC_SIZE: "true" if dynamic_size else "false",
-        MetadataKey.RESIZE: json.dumps(RESIZE_RULE),
-        PREPROCESS_KEY: json.dumps(preprocess_contract_for(source)),
+        MetadataKey.RESIZE: json.dumps(to_json(RESIZE_RULE)),
+        PREPROCESS_KEY: json.dumps(to_json(preprocess_contract_for(source))),
         MetadataKey.LAYER_NORM_EPS: repr(float(source.layer_norm_eps)),
         MetadataKey.NETWORK: source.network,
         MetadataKey.GRAPH: graph,
@@ -404,19 +414,26 @@ def _export_variants(
     return variants
 
 
+def graph_entry(path: Path, variant: dict[str, Any] | None = None) -> GraphEntry:
+    """The manifest entry of one written graph file: its inputs and outputs as the file declares them."""
+    described = onnx_io.describe_io(path)
+
+    def tensors(values: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(name=v["name"], shape=tuple(v["shape"]), dtype=v["dtype"]) for v in values)
+
+    return GraphEntry(
+        file=path.name, inputs=tensors(described["inputs"]), outputs=tensors(described["outputs"]), variant=variant
+    )
+
+
 def _graph_entries(
     tmp_dir: Path, fp32_graphs: dict[str, Path], variants: dict[tuple[str, str], dict[str, Any]]
-) -> dict[str, dict[str, Any]]:
-    graphs: dict[str, dict[str, Any]] = {}
+) -> dict[str, dict[str, GraphEntry]]:
+    graphs: dict[str, dict[str, GraphEntry]] = {}
     for graph, path in fp32_graphs.items():
-        graphs.setdefault(graph, {})["fp32"] = {"file": path.name, **onnx_io.describe_io(path)}
+        graphs.setdefault(graph, {})["fp32"] = graph_entry(path)
     for (graph, precision_name), description in variants.items():
-        variant_path = tmp_dir / graph_filename(graph, precision_name)
-        graphs[graph][precision_name] = {
-            "file": variant_path.name,
-            **onnx_io.describe_io(variant_path),
-            "variant": description,
-        }
+        graphs[graph][precision_name] = graph_entry(tmp_dir / graph_filename(graph, precision_name), description)
     return graphs
 
 
@@ -424,62 +441,55 @@ def build_manifest(
     source: ExportSource,
     tmp_dir: Path,
     options: ExportOptions,
-    graphs: dict[str, dict[str, Any]],
-    image_graphs: dict[str, dict[str, Any]],
+    graphs: dict[str, dict[str, GraphEntry]],
+    image_graphs: dict[str, GraphEntry],
     parity: dict[str, Any],
     steps: dict[str, Any],
     sharing: dict[str, Any] | None,
     seconds: float,
-) -> dict[str, Any]:
-    """The ``manifest.json`` document of a finished export folder (every file in ``tmp_dir`` is checksummed)."""
-    manifest: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "model_name": source.model_name,
-        "network": source.network,
-        "random_weights": source.random_weights,
-        "source": source.record,
-        "input": {
-            "name": INPUT_NAME,
-            "size": list(source.size),
-            "dynamic_size": options.dynamic_size,
-            "dtype": "float32",
-            "layout": "NCHW",
-            "rgb_stats": source.rgb_stats,
-            "resize": RESIZE_RULE,
-            "preprocess": preprocess_contract_for(source),
-        },
-        "layer_norm_eps": source.layer_norm_eps,
-        "num_classes": len(source.labels),
-        "labels": source.labels,
-        "labels_file": LABELS_NAME,
-        "files": {p.name: file_record(p) for p in sorted(tmp_dir.iterdir()) if p.is_file() and p.name != MANIFEST_NAME},
-        "graphs": graphs,
-    }
-    if image_graphs:
-        manifest["image_graphs"] = image_graphs
-    manifest["export"] = {
-        "exporter": options.exporter,
-        "opset": options.opset,
-        "simplifier": options.simplifier,
-        "steps": steps,
-        "shared_weights": sharing,
-        "choice": onnx_io.EXPORTER_CHOICE
-        if (options.exporter, options.opset) == (onnx_io.DEFAULT_EXPORTER, onnx_io.DEFAULT_OPSET)
-        else {"why": "overridden with --exporter/--opset"},
-        "versions": _versions(),
-        "seconds": round(seconds, 1),
-    }
-    manifest["parity"] = parity
-    return manifest
+) -> Manifest:
+    """The manifest of a finished export folder (every file in ``tmp_dir`` is checksummed)."""
+    stats = RgbStats(mean=tuple(source.rgb_stats["mean"]), std=tuple(source.rgb_stats["std"]))  # type: ignore[arg-type]
+    default_choice = (options.exporter, options.opset) == (onnx_io.DEFAULT_EXPORTER, onnx_io.DEFAULT_OPSET)
+    return Manifest(
+        model_name=source.model_name,
+        network=source.network,
+        random_weights=source.random_weights,
+        source=read_dataclass(SourceRecord, source.record, "source"),
+        input=InputSpec(
+            name=INPUT_NAME,
+            size=tuple(source.size),  # type: ignore[arg-type]
+            dynamic_size=options.dynamic_size,
+            rgb_stats=stats,
+            resize=RESIZE_RULE,
+            preprocess=preprocess_contract_for(source),
+        ),
+        layer_norm_eps=float(source.layer_norm_eps),
+        num_classes=len(source.labels),
+        labels=tuple(source.labels),
+        labels_file=LABELS_NAME,
+        files={p.name: FileRecord.of(p) for p in sorted(tmp_dir.iterdir()) if p.is_file() and p.name != MANIFEST_NAME},
+        graphs=graphs,
+        image_graphs=image_graphs,
+        export=ExportRecord(
+            exporter=options.exporter,
+            opset=options.opset,
+            simplifier=options.simplifier,
+            steps=steps,
+            shared_weights=read_dataclass(SharedWeights, sharing, "export.shared_weights") if sharing else None,
+            choice=onnx_io.EXPORTER_CHOICE if default_choice else {"why": "overridden with --exporter/--opset"},
+            versions=_versions(),
+            seconds=round(seconds, 1),
+        ),
+        parity=parity,
+    )
 
 
 def write_labels(folder: Path, labels: Sequence[str]) -> Path:
     """``labels.txt``: one class name per line, in class-index order (for clients that cannot read metadata)."""
     if any("\n" in label or "\r" in label for label in labels):
         raise ExportError("a class label contains a line break; labels.txt needs one label per line")
-    path = folder / LABELS_NAME
-    path.write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
-    return path
+    return atomic_write_text(folder / LABELS_NAME, "".join(f"{label}\n" for label in labels), durable=False)
 
 
 @sticky_interrupts()
@@ -501,7 +511,7 @@ def export_model(
     share_weights: bool | None = None,
     image_graphs: bool = True,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Export, check and verify; returns the manifest written to ``out_dir/manifest.json``.
 
     ``size`` only applies to random weights (a checkpoint exports at its signature's size). ``image_graphs``
@@ -552,7 +562,7 @@ def export_model(
         image_entries = {}
         for graph, path in image_paths.items():
             parity["export"][f"{graph}/image"] = check_image_graph(path, fp32_graphs[graph], graph, source)
-            image_entries[graph] = {"file": path.name, **onnx_io.describe_io(path)}
+            image_entries[graph] = graph_entry(path)
 
         write_labels(tmp_dir, source.labels)
         manifest = build_manifest(
@@ -568,22 +578,24 @@ def export_model(
         )
         write_manifest(tmp_dir, manifest)
         _move_into_place(tmp_dir, out_dir, force)
-    log(f"Done: {out_dir} ({len(manifest['files'])} files, every graph matched PyTorch)")
-    return manifest
+    log(f"Done: {out_dir} ({len(manifest.files)} files, every graph matched PyTorch)")
+    return replace(manifest, model_dir=out_dir)
 
 
-def preprocess_contract_for(source: ExportSource) -> dict[str, Any]:
-    return preprocess_contract(source.size, source.rgb_stats, RESIZE_RULE["center_crop"], input_name=INPUT_NAME)
+def preprocess_contract_for(source: ExportSource) -> PreprocessContract:
+    return PreprocessContract(
+        size=tuple(source.size),  # type: ignore[arg-type]
+        mean=tuple(source.rgb_stats["mean"]),  # type: ignore[arg-type]
+        std=tuple(source.rgb_stats["std"]),  # type: ignore[arg-type]
+        center_crop=RESIZE_RULE.center_crop,
+        input_name=INPUT_NAME,
+    )
 
 
 IMAGE_GRAPHS = ("classify", "embed")
 """Tensor graphs that also ship an image-input variant (``<graph>.image.onnx``)."""
 IMAGE_CHECK_SHAPES = ((300, 451, 3), (500, 500, 4), (97, 61, 1))
 """Synthetic images each image graph is checked on: downscale and upscale, RGB, RGBA and gray."""
-
-
-def image_graph_filename(graph: str) -> str:
-    return f"{graph}.image.onnx"
 
 
 def _write_image_graphs(
@@ -593,9 +605,7 @@ def _write_image_graphs(
     if options.opset < preprocess_graph.MIN_OPSET:
         log(f"  image-input graphs skipped: they need opset >= {preprocess_graph.MIN_OPSET}")
         return {}
-    pre = preprocess_graph.preprocess_graph(
-        source.size, source.rgb_stats, RESIZE_RULE["center_crop"], opset=options.opset
-    )
+    pre = preprocess_graph.preprocess_graph(source.size, source.rgb_stats, RESIZE_RULE.center_crop, opset=options.opset)
     written = {}
     for graph in IMAGE_GRAPHS:
         tensor_path = fp32_graphs[graph]
@@ -616,14 +626,14 @@ def check_image_graph(path: Path, tensor_path: Path, graph: str, source: ExportS
 
     image_session = ort_session(path)
     tensor_session = ort_session(tensor_path)
-    preprocessor = Preprocessor(tuple(source.size), dict(source.rgb_stats), RESIZE_RULE["center_crop"])
+    preprocessor = Preprocessor(tuple(source.size), dict(source.rgb_stats), RESIZE_RULE.center_crop)
     rng = np.random.default_rng(SWEEP_SEED)
     worst = 0.0
     for shape in IMAGE_CHECK_SHAPES:
         pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
         row = preprocessor(pixels)
         expected = tensor_session.run(None, {INPUT_NAME: row[None]})
-        got = image_session.run(None, {preprocess_graph.IMAGE_INPUT_NAME: pixels})
+        got = image_session.run(None, {IMAGE_INPUT_NAME: pixels})
         for name, want, have in zip(GRAPH_OUTPUTS[graph], expected, got, strict=True):
             difference = float(np.abs(want.astype(np.float64) - have).max())
             worst = max(worst, difference)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pvt_deploy.manifest import GRAPH_OUTPUTS
+from pvt_deploy.format.manifest import GRAPH_OUTPUTS
 from pvt_deploy.model.pvt_v2 import PVTv2
 
 

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import io
 import logging
-import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from pvt_deploy.errors import ExportError
-from pvt_deploy.manifest import GRAPH_OUTPUTS, INPUT_NAME
+from pvt_deploy.format.manifest import GRAPH_OUTPUTS, INPUT_NAME
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_EXPORTER = "torchscript"
@@ -284,7 +283,3 @@ def share_external_weights(paths: list[Path], weights_name: str, min_bytes: int 
         onnx.save(model, str(path))
     after = sum(p.stat().st_size for p in paths) + weights_path.stat().st_size
     return {"file": weights_name, "graphs": [p.name for p in paths], "bytes_before": before, "bytes_after": after}
-
-
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size

@@ -21,10 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pvt_deploy.manifest import INPUT_NAME
+from pvt_deploy.format.manifest import IMAGE_INPUT_NAME, INPUT_NAME
 
-IMAGE_INPUT_NAME = "image"
-"""The image-input graphs' input: uint8 ``[height, width, channels]``, channels 1 (gray), 3 (RGB) or 4 (RGBA)."""
 PRECISION_BITS = 32 - 8 - 2
 """Pillow's fixed-point precision of 8-bit resampling coefficients."""
 CUBIC_A = -0.5
@@ -116,6 +114,29 @@ def _round_pass(b: _Builder, accumulated: str) -> str:
     return b.op("Clip", shifted, b.const(0.0), b.const(255.0))
 
 
+def _input_guard(b: _Builder) -> str:
+    """A float32 ``[1.0]`` that exists only for images the contract allows (height and width >= 1, 1, 3 or 4
+    channels): otherwise it is a Reshape of one value into two, which every runtime refuses, so the graph fails
+    instead of answering an empty or 5-channel image. Multiplied into the (small) output, so no optimizer drops
+    it and no image-sized copy is made."""
+    dims = b.op("Shape", IMAGE_INPUT_NAME)
+
+    def dim(index: int) -> str:
+        return b.op("Slice", dims, b.const([index], np.int64), b.const([index + 1], np.int64))
+
+    height, width, channels = dim(0), dim(1), dim(2)
+    zero = b.const([0], np.int64)
+    has_pixels = b.op("And", b.op("Greater", height, zero), b.op("Greater", width, zero))
+    allowed = b.op(
+        "Or",
+        b.op("Or", b.op("Equal", channels, b.const([1], np.int64)), b.op("Equal", channels, b.const([3], np.int64))),
+        b.op("Equal", channels, b.const([4], np.int64)),
+    )
+    refused = b.op("Cast", b.op("Not", b.op("And", has_pixels, allowed)), to=TensorProto.INT64)
+    length = b.op("Add", refused, b.const([1], np.int64))  # [1] for a valid image, [2] otherwise
+    return b.op("Reshape", b.const([1.0], np.float32), length)
+
+
 def preprocess_graph(
     size: tuple[int, int],
     rgb_stats: dict[str, Sequence[float]],
@@ -134,7 +155,9 @@ def preprocess_graph(
     b = _Builder()
     rgb = b.op("Slice", IMAGE_INPUT_NAME, b.const([0], np.int64), b.const([3], np.int64), b.const([2], np.int64))
     rgb = b.op("Expand", rgb, b.const([1, 1, 3], np.int64))  # gray [H, W, 1] -> [H, W, 3]; RGB unchanged
-    pixels = b.op("Transpose", b.op("Cast", rgb, to=TensorProto.DOUBLE), perm=[2, 0, 1])  # [3, H, W]
+    # [3, H, W]: transposed while still uint8 (3 bytes per pixel), then float64 once: the largest tensors of the
+    # graph are image-sized, so each full-size float64 copy costs 24 bytes per input pixel
+    pixels = b.op("Cast", b.op("Transpose", rgb, perm=[2, 0, 1]), to=TensorProto.DOUBLE)
     shape = b.op("Cast", b.op("Shape", IMAGE_INPUT_NAME), to=TensorProto.DOUBLE)
     in_h = b.op("Squeeze", b.op("Slice", shape, b.const([0], np.int64), b.const([1], np.int64)), b.const([0], np.int64))
     in_w = b.op("Squeeze", b.op("Slice", shape, b.const([1], np.int64), b.const([2], np.int64)), b.const([0], np.int64))
@@ -176,7 +199,7 @@ def preprocess_graph(
     scaled = b.op("Mul", b.op("Cast", resized, to=TensorProto.FLOAT), b.const(np.float32(1.0 / 255.0), np.float32))
     mean = b.const(np.asarray(rgb_stats["mean"], np.float32).reshape(3, 1, 1), np.float32)
     std = b.const(np.asarray(rgb_stats["std"], np.float32).reshape(3, 1, 1), np.float32)
-    normalized = b.op("Div", b.op("Sub", scaled, mean), std)
+    normalized = b.op("Mul", b.op("Div", b.op("Sub", scaled, mean), std), _input_guard(b))
     b.nodes.append(helper.make_node("Unsqueeze", [normalized, b.const([0], np.int64)], [output_name]))
     outputs = [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [1, 3, height, width])]
     if resized_output:
@@ -205,5 +228,10 @@ def image_graph(tensor_graph: Path, preprocess: onnx.ModelProto, out_path: Path)
     preprocess.ir_version = model.ir_version
     merged = onnx.compose.merge_models(preprocess, model, io_map=[(INPUT_NAME, INPUT_NAME)], prefix1="", prefix2="")
     merged.graph.name = f"{model.graph.name or 'graph'}_image"
+    for output in merged.graph.output:  # say so in the declared shapes too (the manifest copies them)
+        dims = output.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].Clear()
+            dims[0].dim_value = 1
     onnx.save(merged, str(out_path))
     return out_path

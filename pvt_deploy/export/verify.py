@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,9 @@ from pvt_deploy.errors import CheckpointError, ImageError, ModelDirError, Verifi
 from pvt_deploy.export.exporter import dynamic_check_sizes
 from pvt_deploy.export.graphs import reference_all
 from pvt_deploy.export.parity import GraphParity, output_metrics
-from pvt_deploy.export.source import RANDOM_WEIGHTS_SEED, random_weights_model
-from pvt_deploy.manifest import Manifest, load_manifest, sha256_file, verify_files, write_manifest
+from pvt_deploy.export.source import random_weights_model
+from pvt_deploy.files import sha256_file
+from pvt_deploy.format.manifest import Manifest, load_manifest, verify_files, write_manifest
 from pvt_deploy.model.pvt_v2 import PVTv2
 from pvt_deploy.preprocess import is_image_file
 from pvt_deploy.runtime import Runtime
@@ -66,23 +67,20 @@ class VerifyResults:
         }
 
 
-def reference_model(
-    manifest: Manifest | dict[str, Any], folder: Path, checkpoint: str | Path | None
-) -> tuple[PVTv2, str]:
+def reference_model(manifest: Manifest, folder: Path, checkpoint: str | Path | None) -> tuple[PVTv2, str]:
     """The PyTorch model the folder was exported from, and a line saying where it came from."""
-    eps = float(manifest.get("layer_norm_eps", 1e-6))
-    source = manifest.get("source") or {}
-    if manifest.get("random_weights") and checkpoint is None:
-        spec = source.get("random_weights")
-        if not isinstance(spec, dict):
+    eps = manifest.layer_norm_eps if manifest.layer_norm_eps is not None else 1e-6
+    source = manifest.source
+    if manifest.random_weights and checkpoint is None:
+        spec = source.random_weights
+        if spec is None:
             raise ModelDirError(f"{folder}: random-weights export without its seed in the manifest")
-        seed = int(spec.get("seed", RANDOM_WEIGHTS_SEED))
-        model = random_weights_model(spec["network"], int(spec["num_classes"]), tuple(spec["size"]), eps, seed)
-        return model, f"random weights regenerated from seed {seed}"
+        model = random_weights_model(spec.network, spec.num_classes, spec.size, eps, spec.seed)
+        return model, f"random weights regenerated from seed {spec.seed}"
     from pvt_deploy.model.checkpoint import load_checkpoint
 
     if checkpoint is None:
-        recorded = source.get("path")
+        recorded = source.path
         if not recorded:
             raise CheckpointError(f"{folder}: the manifest records no source checkpoint; pass --checkpoint")
         path = Path(recorded)
@@ -92,10 +90,10 @@ def reference_model(
         path = Path(checkpoint)
         if not path.is_file():
             raise CheckpointError(f"--checkpoint {path}: no such file")
-    expected = source.get("sha256")
+    expected = source.sha256
     if expected and sha256_file(path) != expected:
         raise CheckpointError(f"{path} is not the checkpoint {folder} was exported from (sha256 differs)")
-    loaded = load_checkpoint(path, network=manifest.get("network"), layer_norm_eps=eps)
+    loaded = load_checkpoint(path, network=manifest.network, layer_norm_eps=eps)
     return loaded.model, f"checkpoint {path}"
 
 
@@ -148,7 +146,7 @@ def verify_export(
     log = progress or (lambda message: None)
     folder = Path(folder)
     manifest = load_manifest(folder)
-    verify_files(folder, manifest)
+    verify_files(manifest)
     model, origin = reference_model(manifest, folder, checkpoint)
     log(f"PyTorch reference: {origin}")
     files = _image_files(images)  # type: ignore[arg-type]
@@ -184,8 +182,7 @@ def verify_export(
         },
     )
     if write:
-        manifest.raw.setdefault("parity", {})["verify"] = verification.to_json()
-        write_manifest(folder, manifest.raw)
+        write_manifest(folder, replace(manifest, parity={**manifest.parity, "verify": verification.to_json()}))
     return verification
 
 

@@ -4,7 +4,7 @@
 from pvt_deploy.jobs.engine import DEFAULT_CHUNK_SIZE, JobEngine, JobEvents, JobPlan, JobResult, LocalEngine
 from pvt_deploy.jobs.inputs import collect_inputs, read_path_list
 from pvt_deploy.jobs.records import iter_parts, label_indexes, prediction_lines, prediction_record
-from pvt_deploy.jobs.run import ENGINES, JobInterrupted, RayEngine, engine_named, run_job
+from pvt_deploy.jobs.run import ENGINES, RayEngine, engine_named, run_job
 from pvt_deploy.jobs.store import Part, output_format, read_run_info
 from pvt_deploy.jobs.tasks import JobSpec
 
@@ -13,7 +13,6 @@ __all__ = [
     "ENGINES",
     "JobEngine",
     "JobEvents",
-    "JobInterrupted",
     "JobPlan",
     "JobResult",
     "JobSpec",

@@ -16,7 +16,8 @@ import dataclasses
 from typing import Any
 
 from pvt_deploy import __version__
-from pvt_deploy.errors import OutputError, PvtDeployError
+from pvt_deploy.errors import JobInterrupted, OutputError
+from pvt_deploy.files import OutputLock
 from pvt_deploy.jobs.engine import JobEngine, JobEvents, JobPlan, JobResult, LocalEngine
 from pvt_deploy.jobs.ray_engine import RayEngine
 from pvt_deploy.jobs.store import (
@@ -30,16 +31,10 @@ from pvt_deploy.jobs.store import (
 )
 from pvt_deploy.jobs.tasks import JobSpec, model_identity
 from pvt_deploy.runtime import Runtime
-from pvt_deploy.staging import OutputLock, clean_stale_staging, describe_removed
+from pvt_deploy.staging import clean_stale_staging, describe_removed
 
 ENGINES = ("local", "ray")
 _RESUME_KEYS = ("task", "options", "model", "format", "exif_transpose", "inputs", "inputs_sha256")
-
-
-class JobInterrupted(PvtDeployError):
-    """Ctrl-C during a job: the finished rows are kept, and the message says how to continue."""
-
-    exit_code = 130
 
 
 def engine_named(name: str, address: str | None = None, actors: int | None = None) -> JobEngine:
@@ -222,4 +217,4 @@ def _embedding_dim(runtime: Runtime, spec: JobSpec, store: JobStore, parts: list
     return 0
 
 
-__all__ = ["ENGINES", "JobInterrupted", "RayEngine", "engine_named", "run_job"]
+__all__ = ["ENGINES", "RayEngine", "engine_named", "run_job"]

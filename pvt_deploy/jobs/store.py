@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from pvt_deploy.errors import OutputError
+from pvt_deploy.files import atomic_write_bytes, atomic_write_json
 from pvt_deploy.staging import staging_path
 
 PLAN_NAME = "plan.json"
@@ -56,22 +57,6 @@ def output_format(out: Path, task: str) -> str:
     if out.suffix.lower() == ".npz":
         raise OutputError(f"{out}: a .npz file holds one image's maps; give a folder for many images")
     return "npy" if task == "embed" else "npz"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and a rename: a reader sees all of it or nothing.
-
-    The jobs' one atomic-write helper, kept until the shared file-safety module replaces it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=1) + "\n").encode("utf-8"))
 
 
 def inputs_digest(inputs: list[str]) -> str:

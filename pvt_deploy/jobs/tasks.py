@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from pvt_deploy.jobs.store import Part, atomic_write_bytes
+from pvt_deploy.files import atomic_write_bytes
+from pvt_deploy.jobs.store import Part
 from pvt_deploy.runtime import BatchResult, ItemError, Runtime
 from pvt_deploy.runtime.operations import l2_normalize, top_k
 

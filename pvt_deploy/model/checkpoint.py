@@ -14,22 +14,19 @@ metadata. Neither stores the network name, so the PVT v2 size is inferred from t
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import pickletools
 import re
-import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from pvt_deploy.errors import CheckpointError
-from pvt_deploy.manifest import sha256_file
+from pvt_deploy.files import atomic_write, atomic_write_bytes, sha256_file
 from pvt_deploy.model.pvt_v2 import (
     BIRDER_BASE_NETWORK,
     BIRDER_LAYER_NORM_EPS,
@@ -465,26 +462,6 @@ def _checkpoint_content(
     )
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
-    """Write through a temp file in the same folder, fsync, then rename: readers never see half a file.
-
-    Every checkpoint and training-states file goes through here (``train.checkpoints.atomic_torch_save`` too)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_checkpoint(
     path: str | Path,
     model: PVTv2,
@@ -528,13 +505,12 @@ def save_safetensors(
     if content.config is not None:
         metadata["config"] = json.dumps(content.config)
     blob = safetensors_bytes(content.state, metadata=metadata)
-    return atomic_write(path, lambda handle: handle.write(blob))
+    return atomic_write_bytes(path, blob)
 
 
 __all__ = [
     "BIRDER_FORMAT_VERSION",
     "LoadedCheckpoint",
-    "atomic_write",
     "birder_config_for",
     "birder_network_for",
     "infer_config",

@@ -3,7 +3,9 @@
 onnxruntime opens a tensor's external data at the ``location`` its ``TensorProto.external_data`` names, relative to
 the graph file. A model folder is untrusted input, so before a graph is handed to onnxruntime every such location
 must be a file the manifest lists (and therefore checksums) inside the folder. This walks the protobuf wire format
-of ``ModelProto`` just far enough to find those entries: graphs, nodes, attributes, tensors, sparse tensors.
+of ``ModelProto`` into every place a tensor can live: the main graph's initializers and sparse initializers, every
+node attribute (tensor, tensors, sparse tensor(s), and the subgraphs of If/Loop/Scan, recursively), the
+model-local functions (their nodes and their default attributes), and the training-info graphs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from collections.abc import Iterator
 from pvt_deploy.errors import ModelDirError
 
 # ONNX field numbers (onnx/onnx.proto3)
-_MODEL_GRAPH = 7
+_MODEL_GRAPH, _MODEL_TRAINING_INFO, _MODEL_FUNCTIONS = 7, 20, 25
+_TRAINING_INITIALIZATION, _TRAINING_ALGORITHM = 1, 2
+_FUNCTION_NODE, _FUNCTION_ATTRIBUTE_PROTO = 7, 11
 _GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER = 1, 5, 15
 _NODE_ATTRIBUTE = 5
 _ATTR_TENSOR, _ATTR_GRAPH, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
@@ -88,9 +92,30 @@ def _graph(data: memoryview, found: set[str], depth: int) -> None:
         elif number == _GRAPH_SPARSE_INITIALIZER:
             _sparse(payload, found)
         elif number == _GRAPH_NODE:
-            for node_field, attribute in _fields(payload):
-                if node_field == _NODE_ATTRIBUTE and attribute is not None:
-                    _attribute(attribute, found, depth)
+            _node(payload, found, depth)
+
+
+def _node(data: memoryview, found: set[str], depth: int) -> None:
+    for number, attribute in _fields(data):
+        if number == _NODE_ATTRIBUTE and attribute is not None:
+            _attribute(attribute, found, depth)
+
+
+def _function(data: memoryview, found: set[str]) -> None:
+    """A model-local function: its nodes' attributes (a ``Constant`` holds a tensor) and its attribute defaults."""
+    for number, payload in _fields(data):
+        if payload is None:
+            continue
+        if number == _FUNCTION_NODE:
+            _node(payload, found, 0)
+        elif number == _FUNCTION_ATTRIBUTE_PROTO:
+            _attribute(payload, found, 0)
+
+
+def _training_info(data: memoryview, found: set[str]) -> None:
+    for number, payload in _fields(data):
+        if number in (_TRAINING_INITIALIZATION, _TRAINING_ALGORITHM) and payload is not None:
+            _graph(payload, found, 0)
 
 
 def _attribute(data: memoryview, found: set[str], depth: int) -> None:
@@ -111,8 +136,14 @@ def external_data_locations(model_bytes: bytes, name: str = "graph") -> set[str]
     found: set[str] = set()
     try:
         for number, payload in _fields(memoryview(model_bytes)):
-            if number == _MODEL_GRAPH and payload is not None:
+            if payload is None:
+                continue
+            if number == _MODEL_GRAPH:
                 _graph(payload, found, 0)
+            elif number == _MODEL_FUNCTIONS:
+                _function(payload, found)
+            elif number == _MODEL_TRAINING_INFO:
+                _training_info(payload, found)
     except ValueError as exc:
         raise ModelDirError(f"{name}: not a valid ONNX graph ({exc})") from None
     return found

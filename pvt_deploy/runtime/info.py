@@ -11,24 +11,28 @@ from pathlib import Path
 from typing import Any
 
 from pvt_deploy.errors import ModelDirError
-from pvt_deploy.manifest import GraphEntry, Manifest, TensorSpec, file_problems, load_manifest
-from pvt_deploy.runtime.graph_preprocess import image_graph_entries
+from pvt_deploy.format.manifest import GraphEntry, Manifest, TensorSpec, file_problems, load_manifest
 
 
 def graph_problems(manifest: Manifest) -> dict[str, str]:
-    """Each graph file that fails to load or disagrees with the manifest, with the reason (CPU sessions)."""
+    """Each graph file (image-input graphs too) that fails to load or disagrees with the manifest, with the reason
+    (CPU sessions)."""
     from pvt_deploy.runtime.runtime import Runtime
 
     problems: dict[str, str] = {}
-    for precision in manifest.precisions:
+    runtimes = [(precision, "python") for precision in manifest.precisions]
+    if manifest.image_graphs:
+        runtimes.append(("fp32", "graph"))
+    for precision, mode in runtimes:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            runtime = Runtime(manifest.model_dir, device="cpu", precision=precision)
-        for graph in runtime.graphs:
+            runtime = Runtime(manifest.model_dir, device="cpu", precision=precision, preprocess=mode)
+        entries = manifest.image_graphs if mode == "graph" else {g: runtime.graph_entry(g) for g in runtime.graphs}
+        for graph, entry in entries.items():
             try:
                 runtime.load([graph])
             except ModelDirError as exc:
-                problems[runtime.graph_entry(graph).file] = str(exc).removeprefix(f"{manifest.model_dir}/")
+                problems[entry.file] = str(exc).removeprefix(f"{manifest.model_dir}/")
     return problems
 
 
@@ -58,7 +62,7 @@ def folder_summary(model_dir: str | os.PathLike[str], *, check_graphs: bool = Tr
             "name": spec.name,
             "size": list(spec.size),
             "dynamic_size": spec.dynamic_size,
-            "rgb_stats": spec.rgb_stats,
+            "rgb_stats": spec.rgb_stats.as_dict(),
         },
         "num_classes": manifest.num_classes if manifest.num_classes is not None else (len(labels) if labels else None),
         "labels": len(labels) if labels is not None else None,
@@ -67,11 +71,7 @@ def folder_summary(model_dir: str | os.PathLike[str], *, check_graphs: bool = Tr
             graph: {precision: _entry_json(entry) for precision, entry in variants.items()}
             for graph, variants in manifest.graphs.items()
         },
-        "image_graphs": {
-            graph: {key: entry.get(key) for key in ("file", "inputs", "outputs")}
-            for graph, entry in image_graph_entries(manifest).items()
-            if isinstance(entry, dict)
-        },
+        "image_graphs": {graph: _entry_json(entry) for graph, entry in manifest.image_graphs.items()},
         "files": len(manifest.files),
         "checksums_ok": not problems,
         "problems": problems,

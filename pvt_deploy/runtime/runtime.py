@@ -12,7 +12,8 @@ from typing import Any, Literal, overload
 import numpy as np
 
 from pvt_deploy.errors import DeviceError, ModelDirError
-from pvt_deploy.manifest import (
+from pvt_deploy.format.codec import to_json
+from pvt_deploy.format.manifest import (
     MANIFEST_NAME,
     GraphEntry,
     Manifest,
@@ -21,10 +22,10 @@ from pvt_deploy.manifest import (
     load_manifest,
     verify_files,
 )
-from pvt_deploy.preprocess import Preprocessor
+from pvt_deploy.preprocess import Prepared, Preprocessor
 from pvt_deploy.runtime.config import RuntimeConfig
 from pvt_deploy.runtime.graph_files import external_data_locations
-from pvt_deploy.runtime.graph_preprocess import GraphPreprocessing
+from pvt_deploy.runtime.graph_preprocess import ImagePixels
 from pvt_deploy.runtime.operations import top_k as rank
 from pvt_deploy.runtime.results import BatchResult, ItemLog
 from pvt_deploy.runtime.sessions import (
@@ -48,7 +49,7 @@ DEFAULT_CUDA_BATCH_SIZE = 16
 OnError = Literal["raise", "collect"]
 Raise = Literal["raise"]
 Collect = Literal["collect"]
-Images = Any  # one image or an iterable of them; see inputs.iter_items
+Images = Any  # one image or an iterable of them; see preprocess.iter_items
 
 
 class Runtime:
@@ -96,7 +97,11 @@ class Runtime:
         )
         self.exif_transpose = self.spec.apply_exif
         self.preprocess_mode = self.config.preprocess
-        self._graph_preprocessing = GraphPreprocessing(self) if self.preprocess_mode == "graph" else None
+        self._image_pixels = ImagePixels(self.spec) if self.preprocess_mode == "graph" else None
+        if self._image_pixels is not None:
+            if precision != "fp32":
+                raise ModelDirError(f"{self.model_dir}: the image-input graphs are fp32 only; use preprocess='python'")
+            self.manifest.image_entry("classify" if "classify" in self.manifest.image_graphs else "embed")
         self._sessions: dict[str, GraphSession] = {}
         self._verified: set[str] = set()
         self._lock = threading.Lock()
@@ -163,20 +168,38 @@ class Runtime:
         raise ModelDirError(f"{self.model_dir}: the manifest's {graph} graph has no {name!r} output")
 
     def describe(self) -> dict[str, Any]:
-        """What ``info`` and services show about a loaded folder (no onnxruntime objects)."""
+        """The one JSON description of a loaded folder that ``info`` and services publish (no onnxruntime objects):
+        what it is (name, network, untrained or not, labels, input, the preprocessing contract exactly as
+        manifest.json holds it, graphs and image graphs) and how it runs (precision, device, providers, batch
+        size, the whole ``RuntimeConfig``)."""
+        manifest = self.manifest
+        contract = manifest.input.preprocess
         return {
             "model_dir": str(self.model_dir),
-            "model_name": self.manifest.model_name,
+            "model_name": manifest.model_name,
+            "network": manifest.network,
+            "random_weights": manifest.random_weights,
+            "labels": self.labels,
+            "input": {
+                "name": manifest.input.name,
+                "size": list(manifest.input.size),
+                "dynamic_size": manifest.input.dynamic_size,
+            },
+            "preprocess": to_json(contract) if contract is not None else None,
             "precision": self.precision,
             "device": self.active_device,
             "providers": self.providers,
-            "random_weights": self.manifest.random_weights,
-            "preprocess": (self.manifest.raw.get("input") or {}).get("preprocess"),
+            "batch_size": self.batch_size,
             "graphs": {
                 graph: {"file": entry.file, "outputs": list(entry.output_names)}
                 for graph in self.graphs
                 for entry in [self.graph_entry(graph)]
             },
+            "image_graphs": {
+                graph: {"file": entry.file, "outputs": list(entry.output_names)}
+                for graph, entry in manifest.image_graphs.items()
+            },
+            "config": self.config.to_json(),
         }
 
     @property
@@ -185,7 +208,7 @@ class Runtime:
         with self._lock:
             loaded = dict(self._sessions)
         return {
-            "manifest": self.manifest.raw,
+            "manifest": self.manifest.to_json(),
             "preprocess": {
                 "size": list(self.spec.size),
                 "rgb_stats": self.spec.rgb_stats,
@@ -210,9 +233,12 @@ class Runtime:
         return "cuda" if provider_name(self._providers[0]) in GPU_PROVIDERS else "cpu"
 
     def load(self, graphs: Iterable[str] | None = None) -> Runtime:
-        """Create sessions now (service warm-up) instead of on first use."""
-        for graph in graphs if graphs is not None else self.graphs:
-            self._session(graph)
+        """Create (and check) now, instead of on first use, the sessions that classify/embed/features run: the
+        tensor graphs, or with ``preprocess="graph"`` the image-input graphs (service warm-up, ``info``)."""
+        by_image = self._image_pixels is not None
+        default = list(self.manifest.image_graphs) if by_image else self.graphs
+        for graph in graphs if graphs is not None else default:
+            self._session(graph, image=by_image)
         return self
 
     def session(self, graph: str) -> GraphSession:
@@ -224,6 +250,11 @@ class Runtime:
     def preprocess(self, images: Images) -> np.ndarray:
         """The model input tensor (N, 3, H, W) float32 for ``images``; raises ``ImageError`` on a bad one."""
         return self.spec.batch(images)
+
+    def prepare(self, images: Images) -> Prepared:
+        """``preprocess`` as ``Prepared`` rows, which classify/predict/embed/features run without checking them again
+        (a service decodes, batches, then runs: each row is checked once)."""
+        return self.spec.prepare(images)
 
     @overload
     def classify(
@@ -297,15 +328,17 @@ class Runtime:
         result.value = value
         return result
 
-    def _session(self, graph: str) -> GraphSession:
-        session = self._sessions.get(graph)
+    def _session(self, graph: str, image: bool = False) -> GraphSession:
+        """The session of ``graph`` (its image-input variant with ``image``), created and checked on first use."""
+        key = f"{graph}.image" if image else graph
+        session = self._sessions.get(key)
         if session is not None:
             return session
         with self._lock:
-            session = self._sessions.get(graph)
+            session = self._sessions.get(key)
             if session is None:
-                session = self._create_session(graph)
-                self._sessions[graph] = session
+                session = self._create_session(graph, image)
+                self._sessions[key] = session
         return session
 
     def _graph_files(self, entry: GraphEntry) -> list[str]:
@@ -326,15 +359,15 @@ class Runtime:
 
     def _verify(self, names: list[str]) -> None:
         todo = [name for name in names if name not in self._verified]
-        verify_files(self.model_dir, self.manifest, todo)
+        verify_files(self.manifest, todo)
         self._verified.update(todo)
 
-    def _create_session(self, graph: str) -> GraphSession:
-        entry = self.graph_entry(graph)
+    def _create_session(self, graph: str, image: bool) -> GraphSession:
+        entry = self.manifest.image_entry(graph) if image else self.graph_entry(graph)
         self._verify(self._graph_files(entry))
         path = self.manifest.path(entry.file)
         raw = create_session(path, self._providers, self.threads)
-        session = GraphSession(raw, entry.output_names)
+        session = GraphSession(raw, entry.output_names, path.name)
         gpu_asked = provider_name(self._providers[0]) in GPU_PROVIDERS
         if gpu_asked and not session.on_cuda:
             if self._custom_providers:
@@ -342,31 +375,45 @@ class Runtime:
             if self.device == "cuda":
                 raise DeviceError("device 'cuda' requested but onnxruntime could not start its CUDA provider")
             warn_cpu_fallback("the CUDA provider failed to load")
-        _check_graph(path, graph, entry, session, self.manifest)
+        if image:
+            _check_graph(path, f"{graph}.image", "fp32", entry, session, self.manifest)
+        else:
+            _check_graph(path, graph, self.precision, entry, session, self.manifest)
+            found, expected = session.inputs[0]["name"], self.manifest.input.name
+            if found != expected:
+                raise ModelDirError(f"{path}: its input is {found!r}, the manifest says {expected!r}")
         return session
 
     def _run(self, graph: str, names: tuple[str, ...], images: Images, on_error: OnError) -> BatchResult[Any]:
-        """Prepare inputs one by one, run them in micro-batches, and keep every answer in its input's row."""
-        if self._graph_preprocessing is not None:
-            return self._graph_preprocessing.run(graph, names, images, on_error)
-        session = self._session(graph)
+        """Prepare inputs one by one, run them in micro-batches, and keep every answer in its input's row.
+
+        The input adapter is the only difference between the two preprocessing modes: ``python`` prepares (3, H, W)
+        float32 rows for the tensor graph and stacks them; ``graph`` prepares uint8 [H, W, C] pixels for the image
+        graph, which takes one image at a time. Both get the same session checks, limits and per-item errors."""
+        by_image = self._image_pixels is not None
+        session = self._session(graph, image=by_image)
         missing = [name for name in names if name not in session.output_names]
         if missing:
             raise ModelDirError(f"{self.model_dir}: the manifest's {graph} graph has no {', '.join(missing)} output")
-        # a graph that is not batch-invariant runs row by row, so no answer depends on its batch neighbours
-        batch_size = self.batch_size if self.graph_entry(graph).batch_invariant else 1
+        prepare: Any = self._image_pixels if by_image else self.spec
+        if isinstance(images, Prepared):  # rows this runtime's pipeline made: nothing to check again
+            images, prepare = images.rows, (prepare if by_image else _as_is)
+        # an image graph takes one image of any size; a graph that is not batch-invariant runs row by row, so no
+        # answer depends on its batch neighbours
+        batched = not by_image and bool(self.graph_entry(graph).batch_invariant)
+        batch_size = self.batch_size if batched else 1
         log = ItemLog()
         pending: list[np.ndarray] = []
         outputs: dict[str, list[np.ndarray]] = {name: [] for name in names}
 
         def flush() -> None:
             if pending:
-                produced = session.run(np.stack(pending), names)
+                produced = session.run(pending[0] if by_image else np.stack(pending), names)
                 for name in names:
                     outputs[name].append(produced[name])
                 pending.clear()
 
-        for row in log.prepared(images, self.spec, on_error):
+        for row in log.prepared(images, prepare, on_error):
             if row is None:
                 continue
             if pending and row.shape != pending[0].shape:  # dynamic-size models: one size per micro-batch
@@ -378,6 +425,10 @@ class Runtime:
 
         mask = np.asarray(log.ok, dtype=bool)
         return log.result({name: _scatter(outputs[name], mask, session, name) for name in names})
+
+
+def _as_is(row: np.ndarray) -> np.ndarray:
+    return row
 
 
 def _scatter(chunks: list[np.ndarray], mask: np.ndarray, session: GraphSession, name: str) -> np.ndarray:
@@ -443,14 +494,12 @@ def _check_tensors(path: Path, kind: str, found: list[dict[str, Any]], expected:
             )
 
 
-def _check_graph(path: Path, graph: str, entry: GraphEntry, session: GraphSession, manifest: Manifest) -> None:
+def _check_graph(
+    path: Path, graph: str, precision: str, entry: GraphEntry, session: GraphSession, manifest: Manifest
+) -> None:
     """The loaded graph must be the one the manifest describes: same inputs and outputs (names, dtypes, static
     dims) and pvt-deploy metadata that agrees with the manifest (graph, precision, preprocessing, labels)."""
     _check_tensors(path, "input", session.inputs, entry.inputs)
-    if session.inputs[0]["name"] != manifest.input.name:
-        raise ModelDirError(
-            f"{path}: its input is {session.inputs[0]['name']!r}, the manifest says {manifest.input.name!r}"
-        )
     _check_tensors(path, "output", session.outputs, entry.outputs)
     metadata = session.metadata
     missing = [key for key in (MetadataKey.GRAPH, MetadataKey.INPUT_SIZE, MetadataKey.RGB_STATS) if key not in metadata]
@@ -459,15 +508,15 @@ def _check_graph(path: Path, graph: str, entry: GraphEntry, session: GraphSessio
     if metadata[MetadataKey.GRAPH] != graph:
         raise ModelDirError(f"{path}: holds the {metadata[MetadataKey.GRAPH]!r} graph, the manifest says {graph!r}")
     recorded_precision = metadata.get(MetadataKey.PRECISION)
-    if recorded_precision is not None and recorded_precision != entry.precision:
-        raise ModelDirError(f"{path}: is a {recorded_precision} graph, the manifest says {entry.precision}")
+    if recorded_precision is not None and recorded_precision != precision:
+        raise ModelDirError(f"{path}: is a {recorded_precision} graph, the manifest says {precision}")
     spec = manifest.input
     try:
         if tuple(json.loads(metadata[MetadataKey.INPUT_SIZE])) != spec.size:
             raise ModelDirError(f"{path}: its input_size metadata disagrees with the manifest ({list(spec.size)})")
         stats = json.loads(metadata[MetadataKey.RGB_STATS])
-        for key in ("mean", "std"):
-            if not np.allclose(stats[key], spec.rgb_stats[key], rtol=0, atol=1e-7):
+        for key, expected in spec.rgb_stats.as_dict().items():
+            if not np.allclose(stats[key], expected, rtol=0, atol=1e-7):
                 raise ModelDirError(f"{path}: its rgb_stats metadata disagrees with the manifest")
         if MetadataKey.DYNAMIC_SIZE in metadata and (metadata[MetadataKey.DYNAMIC_SIZE] == "true") != spec.dynamic_size:
             raise ModelDirError(f"{path}: its dynamic_size metadata disagrees with the manifest")

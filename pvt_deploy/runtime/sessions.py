@@ -1,9 +1,8 @@
 """onnxruntime sessions, created in one place: device and provider choice, quiet CUDA probing, one-line errors.
 
-There is no optimized-graph cache. It used to save onnxruntime's optimized graph (~100 MB per b2 graph) into
-``.ort-cache/``; measured again on b2/384 (benchmarks/runtime_cold_start.py) it saved 0.10 s of a 0.79 s cold
-start at best, it up to quadrupled the folder on disk, and it was a second copy of the weights that the
-manifest's checksums did not cover. A leftover ``.ort-cache/`` from an older version is never read.
+Sessions are built from the checksummed graph files alone: no optimized graph is saved beside them (it would be a
+second copy of the weights that the manifest's checksums do not cover, for 0.10 s of a 0.79 s b2 cold start;
+benchmarks/runtime_cold_start.py). Run and allocation failures become one ``InferenceError`` line.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from pvt_deploy.errors import DeviceError, ModelDirError
+from pvt_deploy.errors import DeviceError, InferenceError, ModelDirError
 
 logger = logging.getLogger("pvt_deploy.runtime")
 
@@ -141,7 +140,7 @@ def session_options(
     }
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[optimization]
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: run failures reach the caller as one InferenceError line
     spin = "1" if allow_spinning else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
@@ -172,8 +171,18 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(uint8)": np.uint8,
+}
+ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(uint8)": "uint8",
+}
 
 
 def describe_values(values: Any) -> list[dict[str, Any]]:
@@ -190,12 +199,11 @@ def describe_values(values: Any) -> list[dict[str, Any]]:
 
 class GraphSession:
     """One loaded graph. ``run`` is safe to call from many threads (onnxruntime's ``run`` is; IO bindings are
-    created per call)."""
+    created per call). ``name`` (the graph file) names it in errors."""
 
-    from_cache = False  # there is no optimized-graph cache any more (module docstring)
-
-    def __init__(self, session: ort.InferenceSession, output_names: tuple[str, ...]) -> None:
+    def __init__(self, session: ort.InferenceSession, output_names: tuple[str, ...], name: str = "graph") -> None:
         self.session = session
+        self.name = name
         self.output_names = output_names
         self.providers = session.get_providers()
         self.on_cuda = self.providers[0] in GPU_PROVIDERS
@@ -214,13 +222,26 @@ class GraphSession:
         return ()
 
     def run(self, batch: np.ndarray, output_names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """The named outputs (float32) for one input batch; ``InferenceError`` when onnxruntime cannot run it."""
         names = output_names or self.output_names
         batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
-        if self.on_cuda:
-            values = self.run_io_binding(batch, names)
-        else:
-            values = self.session.run(list(names), {self.input_name: batch})
+        with self.failures_as_errors():
+            if self.on_cuda:
+                values = self.run_io_binding(batch, names)
+            else:
+                values = self.session.run(list(names), {self.input_name: batch})
         return {name: np.asarray(value, dtype=np.float32) for name, value in zip(names, values, strict=True)}
+
+    @contextlib.contextmanager
+    def failures_as_errors(self) -> Iterator[None]:
+        """onnxruntime's run and allocation failures (its own exception types, ``MemoryError``) as one
+        ``InferenceError`` line naming the graph."""
+        try:
+            yield
+        except (KeyboardInterrupt, InferenceError):
+            raise
+        except Exception as exc:
+            raise InferenceError(f"onnxruntime could not run {self.name}: {_first_line(exc)}"[:500]) from None
 
     def run_io_binding(self, batch: np.ndarray, names: tuple[str, ...], device: str = "cuda") -> list[np.ndarray]:
         """Copy the input to the device once, let onnxruntime allocate the outputs there, copy them back once
@@ -238,5 +259,6 @@ class GraphSession:
         """``session.run`` without IO binding, for comparing the two paths on a GPU."""
         names = output_names or self.output_names
         batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
-        values = self.session.run(list(names), {self.input_name: batch})
+        with self.failures_as_errors():
+            values = self.session.run(list(names), {self.input_name: batch})
         return {name: np.asarray(value, dtype=np.float32) for name, value in zip(names, values, strict=True)}

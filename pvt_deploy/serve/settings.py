@@ -9,19 +9,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pvt_deploy.decode_budget import DEFAULT_DECODE_BUDGET_BYTES
-from pvt_deploy.errors import PvtDeployError
+from pvt_deploy.errors import ServeError
 from pvt_deploy.runtime.config import RuntimeConfig
 
 if TYPE_CHECKING:
     from pvt_deploy.runtime import Runtime
 
 MB = 1024 * 1024
-
-
-class ServeError(PvtDeployError):
-    """``serve`` options are unusable (e.g. ``--api-key-env`` names an unset variable)."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)

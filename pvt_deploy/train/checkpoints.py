@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from pvt_deploy.errors import TrainingError
+from pvt_deploy.files import atomic_write
 from pvt_deploy.model.checkpoint import (
     BIRDER_FORMAT_VERSION,
-    atomic_write,
     birder_config_for,
     make_signature,
     save_checkpoint,

@@ -4,12 +4,20 @@ Written by export to ``manifest.json`` (``input.preprocess``) and to every graph
 JSON), so a client in another language reads the rules instead of an English sentence. Torch-free: the runtime
 and clients read it; ``pvt_deploy.preprocess`` is its Python implementation and the image-input graphs
 (``*.image.onnx``) its ONNX one. A change to the rules bumps ``CONTRACT_VERSION``.
+
+``PreprocessContract`` is the typed value: the few numbers that vary between models (size, rgb_stats, crop, EXIF,
+input name). The document is a function of them (``to_json``); ``from_json`` reads those numbers back and refuses
+a document of another contract version.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from pvt_deploy.format.codec import FormatError, from_json
 
 CONTRACT_VERSION = 1
 METADATA_KEY = "preprocess"
@@ -97,7 +105,77 @@ def preprocess_contract(
             "dtype": "uint8",
             "shape": ["height", "width", "channels"],
             "channels": "1 (gray, replicated), 3 (RGB) or 4 (RGBA: alpha dropped)",
+            "refuses": "zero height or width, or another channel count: the graph fails to run (no answer)",
             "does": ["resize", "center_crop", "to_float", "normalize", "layout"],
             "caller_does": ["decode", "exif", "to_rgb"],
         },
     }
+
+
+MIN_CENTER_CROP = 0.25
+"""The smallest centre-crop fraction: the resize target is at most 4x the model input per side, so a manifest
+cannot make every image resize to gigapixels (``center_crop: 1e-9``)."""
+
+
+def check_center_crop(value: float) -> float:
+    """``value`` when it is a finite number in [MIN_CENTER_CROP, 1], else ``FormatError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FormatError(f"center_crop must be a finite number, got {value!r}")
+    if not MIN_CENTER_CROP <= value <= 1:
+        raise FormatError(f"center_crop must be in [{MIN_CENTER_CROP}, 1], got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessContract:
+    """The contract of one model: the document ``preprocess_contract`` writes, as the values it is made from."""
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    center_crop: float = 1.0
+    apply_exif: bool = False
+    input_name: str = "input"
+    version: int = CONTRACT_VERSION
+
+    def __post_init__(self) -> None:
+        check_center_crop(self.center_crop)
+        if self.version != CONTRACT_VERSION:
+            raise FormatError(f"contract_version {self.version} is not supported (expected {CONTRACT_VERSION})")
+
+    def to_json(self) -> dict[str, Any]:
+        return preprocess_contract(
+            self.size,
+            {"mean": self.mean, "std": self.std},
+            self.center_crop,
+            apply_exif=self.apply_exif,
+            input_name=self.input_name,
+        )
+
+    @classmethod
+    def from_json(cls, document: Any, where: str = "preprocess") -> PreprocessContract:
+        """The values of a contract document; ``FormatError`` naming ``where`` when one is missing or malformed."""
+        if not isinstance(document, dict):
+            raise FormatError(f"'{where}' must be the preprocessing contract object")
+        version = document.get("contract_version")
+        if type(version) is not int or version != CONTRACT_VERSION:
+            raise FormatError(f"'{where}.contract_version' must be {CONTRACT_VERSION}, got {version!r}")
+
+        def part(section: str, key: str) -> Any:
+            value = document.get(section)
+            if not isinstance(value, dict) or key not in value:
+                raise FormatError(f"'{where}.{section}' has no {key!r}")
+            return value[key]
+
+        values = {
+            "size": from_json(tuple[int, int], part("center_crop", "size"), f"{where}.center_crop.size"),
+            "mean": from_json(tuple[float, float, float], part("normalize", "mean"), f"{where}.normalize.mean"),
+            "std": from_json(tuple[float, float, float], part("normalize", "std"), f"{where}.normalize.std"),
+            "center_crop": from_json(float, part("center_crop", "fraction"), f"{where}.center_crop.fraction"),
+            "apply_exif": from_json(bool, part("exif", "apply_orientation"), f"{where}.exif.apply_orientation"),
+            "input_name": from_json(str, part("layout", "input"), f"{where}.layout.input"),
+        }
+        try:
+            return cls(**values, version=version)
+        except FormatError as exc:
+            raise FormatError(f"'{where}': {exc}") from None
