@@ -90,9 +90,9 @@ class SearchIndexError(PvtDeployError):
 
 class InferenceError(PvtDeployError):
     """onnxruntime failed to run a graph or to allocate its memory (a graph that expands beyond memory, an input
-    the graph cannot take). Exits like a bad model folder: the folder's graph is what could not run."""
+    the graph cannot take): its own code, since the folder may be sound and the batch or the machine too small."""
 
-    exit_code = 5
+    exit_code = 14
 
 
 class ServeError(PvtDeployError):
@@ -129,7 +129,7 @@ EXIT_CODES: dict[int, str] = {
     CheckpointError.exit_code: "bad checkpoint, or bad command-line usage",
     DownloadError.exit_code: "download failed",
     ImageError.exit_code: "some inputs failed (each named on stderr; the rest are answered)",
-    ModelDirError.exit_code: "model folder missing, invalid or failing its checksums, or its graph failed to run",
+    ModelDirError.exit_code: "model folder missing, invalid or failing its checksums",
     ExportError.exit_code: "export failed",
     VerificationError.exit_code: "a verify threshold failed",
     DatasetError.exit_code: "training data unusable",
@@ -138,6 +138,7 @@ EXIT_CODES: dict[int, str] = {
     MissingExtraError.exit_code: "the command needs an optional extra that is not installed",
     SearchIndexError.exit_code: "search store missing or unusable",
     ServiceStartError.exit_code: "the service cannot listen (port in use, or a host that is not this machine's)",
+    InferenceError.exit_code: "onnxruntime could not run a graph (out of memory, or shapes it cannot take)",
     130: "interrupted (Ctrl-C)",
 }
 """Every exit code the CLI uses, the one table the docs are checked against (tests/test_exit_codes.py)."""

@@ -388,7 +388,7 @@ def test_an_onnxruntime_run_failure_is_one_typed_error_line(
     tiny_export_dir: Path, tmp_path: Path, photo_paths: list[Path]
 ) -> None:
     """A graph that passes every load-time check but cannot allocate what it asks for at run time is one
-    InferenceError (exit 5, one ``Error:`` line), not an onnxruntime traceback with exit 1."""
+    InferenceError (exit 14, one ``Error:`` line), not an onnxruntime traceback with exit 1."""
     folder = copy_model(tiny_export_dir, tmp_path)
     _exploding_classifier(folder / "classify.onnx", tiny_export_dir / "classify.onnx")
     rehash(folder, "classify.onnx")
@@ -397,7 +397,7 @@ def test_an_onnxruntime_run_failure_is_one_typed_error_line(
     with pytest.raises(InferenceError, match="onnxruntime could not run classify.onnx"):
         runtime.classify(photo_paths[0])
     result = invoke("predict", folder, photo_paths[0], "--device", "cpu")
-    assert result.exit_code == InferenceError.exit_code == 5, result.stderr
+    assert result.exit_code == InferenceError.exit_code == 14, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("Error: onnxruntime could not run classify.onnx"), result.stderr
     assert "Traceback" not in result.stderr
