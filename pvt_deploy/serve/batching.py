@@ -46,6 +46,22 @@ def run_grouped(runtime: Runtime, requests: Sequence[tuple[str, np.ndarray]]) ->
     return [answer if answer is not None else {} for answer in answers]
 
 
+async def answer_batch(executor: ThreadPoolExecutor, runtime: Runtime, live: list[_Pending]) -> None:
+    """Run one gathered batch on ``executor`` and answer each request's future; a failed batch answers its own
+    requests with the error (the batching loop never dies of it)."""
+    loop = asyncio.get_running_loop()
+    try:
+        answers = await loop.run_in_executor(executor, run_grouped, runtime, [(p.operation, p.rows) for p in live])
+    except Exception as exc:
+        for pending in live:
+            if not pending.future.done():
+                pending.future.set_exception(exc)
+        return
+    for pending, answer in zip(live, answers, strict=True):
+        if not pending.future.done():
+            pending.future.set_result(answer)
+
+
 @dataclass
 class _Pending:
     operation: str
@@ -129,7 +145,6 @@ class DynamicBatcher:
         return batch
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._gather()
             live = [p for p in batch if not p.future.done()]  # a client that went away needs no answer
@@ -137,15 +152,4 @@ class DynamicBatcher:
                 continue
             if self.on_batch is not None:
                 self.on_batch(sum(len(p.rows) for p in live))
-            try:
-                answers = await loop.run_in_executor(
-                    self._executor, run_grouped, self.runtime, [(p.operation, p.rows) for p in live]
-                )
-            except Exception as exc:  # one failed batch answers its own requests with the error, never the loop
-                for pending in live:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
-                continue
-            for pending, answer in zip(live, answers, strict=True):
-                if not pending.future.done():
-                    pending.future.set_result(answer)
+            await answer_batch(self._executor, self.runtime, live)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from pvt_deploy.runtime import Runtime
-from pvt_deploy.serve.batching import DynamicBatcher, _Pending, run_grouped
+from pvt_deploy.serve.batching import DynamicBatcher, _Pending, answer_batch
 
 
 def default_instances(cpu_count: int | None, threads: int | None) -> int:
@@ -86,20 +86,8 @@ class PooledBatcher(DynamicBatcher):
 
     async def _run_batch(self, live: list[_Pending], rows: int) -> None:
         assert self._free is not None
-        loop = asyncio.get_running_loop()
         try:
-            answers = await loop.run_in_executor(
-                self._executor, run_grouped, self.runtime, [(p.operation, p.rows) for p in live]
-            )
-        except Exception as exc:  # one failed batch answers its own requests with the error, never the loop
-            for pending in live:
-                if not pending.future.done():
-                    pending.future.set_exception(exc)
-            return
-        else:
-            for pending, answer in zip(live, answers, strict=True):
-                if not pending.future.done():
-                    pending.future.set_result(answer)
+            await answer_batch(self._executor, self.runtime, live)
         finally:
             self._running_rows -= rows
             self._free.release()
