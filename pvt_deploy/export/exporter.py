@@ -397,11 +397,40 @@ def _export_variants(
         return variants
     calibration = _calibration_batches(options.calib_dir, source)
     for precision_name in options.precisions[1:]:
+        choice = _int8_method_choice(fp32_graphs, calibration, log) if precision_name == "int8" else None
         for graph, fp32_path in fp32_graphs.items():
             variants[(graph, precision_name)] = _make_variant(
-                fp32_path, graph, precision_name, source, options.dynamic_size, calibration, cache, cases, parity, log
+                fp32_path,
+                graph,
+                precision_name,
+                source,
+                options.dynamic_size,
+                calibration,
+                cache,
+                cases,
+                parity,
+                log,
+                choice,
             )
     return variants
+
+
+def _int8_method_choice(
+    fp32_graphs: dict[str, Path], calibration: list[np.ndarray] | None, log: Progress
+) -> dict[str, Any]:
+    """Time static against dynamic int8 on this machine (when calibration images allow static) on the classify
+    graph; every graph then keeps the fastest method that passes its fidelity thresholds."""
+    graph = "classify" if "classify" in fp32_graphs else next(iter(fp32_graphs))
+    try:
+        choice = precision.choose_int8_method(fp32_graphs[graph], calibration)
+    except PvtDeployError as exc:
+        raise type(exc)(f"{graph}: timing the int8 methods failed: {onnx_io.first_line(exc)}") from exc
+    except Exception as exc:
+        raise ExportError(
+            f"{graph}: timing the int8 methods failed: {type(exc).__name__}: {onnx_io.first_line(exc)}"
+        ) from exc
+    log(f"  int8 method: {' before '.join(choice['order'])} ({choice['why']})")
+    return choice
 
 
 def _graph_entries(
@@ -655,24 +684,38 @@ def _make_variant(
     cases: Sequence,
     parity: dict[str, Any],
     log: Progress,
+    int8_choice: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The variant as shipped: for int8, the first method of ``int8_choice["order"]`` that passes its thresholds
+    (recorded as the description's ``method_choice``); a variant no method makes pass fails the export."""
     out_path = fp32_path.with_name(graph_filename(graph, precision_name))
     batches = calibration if precision_name == "int8" else None
-    try:
-        description = precision.make_variant(fp32_path, precision_name, out_path, calibration_batches=batches)
-    except PvtDeployError as exc:
-        raise type(exc)(onnx_io.first_line(exc)) from exc
-    except Exception as exc:
-        raise ExportError(
-            f"{graph}: making the {precision_name} variant failed: {type(exc).__name__}: {onnx_io.first_line(exc)}"
-        ) from exc
-    metadata = graph_metadata(source, graph, precision_name, dynamic_size)
-    metadata[MetadataKey.BATCH_INVARIANT] = json.dumps(bool((description or {}).get("batch_invariant", True)))
-    onnx_io.set_metadata(out_path, metadata)
-    onnx_io.check_graph(out_path)
-    result = sweep_parity(out_path, graph, precision_name, cache, cases)
-    if not result.passed:
-        raise ExportError(f"{out_path.name} failed its {precision_name} parity: {'; '.join(result.failures())}")
+    methods: list[str | None] = list(int8_choice["order"]) if int8_choice else [None]
+    rejected: dict[str, str] = {}
+    for method in methods:
+        try:
+            description = precision.make_variant(
+                fp32_path, precision_name, out_path, calibration_batches=batches, int8_method=method
+            )
+        except PvtDeployError as exc:
+            raise type(exc)(onnx_io.first_line(exc)) from exc
+        except Exception as exc:
+            raise ExportError(
+                f"{graph}: making the {precision_name} variant failed: {type(exc).__name__}: {onnx_io.first_line(exc)}"
+            ) from exc
+        metadata = graph_metadata(source, graph, precision_name, dynamic_size)
+        metadata[MetadataKey.BATCH_INVARIANT] = json.dumps(bool((description or {}).get("batch_invariant", True)))
+        onnx_io.set_metadata(out_path, metadata)
+        onnx_io.check_graph(out_path)
+        result = sweep_parity(out_path, graph, precision_name, cache, cases)
+        if result.passed:
+            break
+        rejected[str(method)] = "; ".join(result.failures())
+    else:
+        raise ExportError(f"{out_path.name} failed its {precision_name} parity: {'; '.join(rejected.values())}")
     parity["export"][f"{graph}/{precision_name}"] = result.to_json()
     log(f"  {out_path.name}: {precision_name} variant matched PyTorch within its thresholds")
-    return dict(description or {})
+    description = dict(description or {})
+    if int8_choice:
+        description["method_choice"] = {**int8_choice, "chosen": description.get("method"), "rejected": rejected}
+    return description
