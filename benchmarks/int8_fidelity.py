@@ -16,7 +16,8 @@ brightness, contrast, a small rotation), through the exported ``embed`` graph ru
 
 Every figure carries the load average; figures taken at load > 1 are marked ``"loaded": true``.
 
-    python benchmarks/int8_fidelity.py /tmp/b2 --variant default= --variant last-stage-float=stage4 \\
+    python benchmarks/int8_fidelity.py /tmp/b2 --variant shipped=default \\
+        --variant before=attention_matmuls+patch_embed+classifier --variant static=static:default \\
         --speed-rounds 8 --out benchmarks/results/int8_fidelity-b2-384-amd-epyc-avx2.json
 """
 
@@ -48,6 +49,18 @@ from pvt_deploy.runtime.sessions import create_session
 DEFAULT_PHOTOS = (Path("tests/data/photos"), Path("../shared/photos"))
 RANDOM_HEAD_LOGIT_STDS = (1.0, 2.0, 4.0, 8.0)
 FIT_HEAD_C = (0.003, 0.03, 0.3, 3.0)
+
+
+def parse_variant(spec: str) -> tuple[str, str, list[str]]:
+    """``NAME=[static:|dynamic:]GROUP+GROUP``; the group ``default`` stands for ``INT8_FLOAT_GROUPS``."""
+    name, _, rest = spec.partition("=")
+    method, _, groups_text = rest.rpartition(":")
+    groups: list[str] = []
+    for group in groups_text.split("+"):
+        for item in INT8_FLOAT_GROUPS if group == "default" else [group] if group else []:
+            if item not in groups:
+                groups.append(item)
+    return name, method or "dynamic", groups
 
 
 def loaded(load: list[float] | None) -> bool:
@@ -314,8 +327,8 @@ def main() -> None:
         "--variant",
         action="append",
         default=[],
-        help="NAME=GROUP+GROUP: dynamic int8 keeping these groups float on top of INT8_FLOAT_GROUPS "
-        "(NAME= alone: the shipped default); the first variant is the speed baseline",
+        help="NAME=[static:]GROUP+GROUP: int8 (dynamic unless static:, calibrated on the unaugmented photos) keeping "
+        "these groups float ('default': INT8_FLOAT_GROUPS); the first variant is the speed baseline",
     )
     parser.add_argument("--sensitivity", action="store_true", help="quantize each (stage, role) group alone")
     parser.add_argument("--sensitivity-images", type=int, default=12)
@@ -359,16 +372,19 @@ def main() -> None:
             step = max(1, len(x) // count)
             result["sensitivity"] = sensitivity(fp32_path, x[::step], reference[::step], args.threads, tmp)
         paths: dict[str, Path] = {}
-        for spec in args.variant or ["default=default"]:
-            name, _, groups_text = spec.partition("=")
-            groups = [*INT8_FLOAT_GROUPS, *(g for g in groups_text.split("+") if g and g not in INT8_FLOAT_GROUPS)]
+        for spec in args.variant or ["shipped=default"]:
+            name, method, groups = parse_variant(spec)
             path = tmp / f"{name}.onnx"
-            description = make_variant(fp32_path, "int8", path, float_groups=groups)
+            calibration = [x[:: args.augmentations]] if method == "static" else None  # the photos, unaugmented
+            description = make_variant(
+                fp32_path, "int8", path, calibration_batches=calibration, int8_method=method, float_groups=groups
+            )
             got = embed_rows(create_session(path, threads=args.threads), x)
             load = load_average()
             measured = fidelity(reference, got, heads)
             float_nodes = len(float_nodes_for_int8(onnx.load(str(fp32_path), load_external_data=False), groups))
             result["variants"][name] = {
+                "method": method,
                 "float_groups": groups,
                 "float_nodes": float_nodes,
                 "description": description,

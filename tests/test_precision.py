@@ -328,4 +328,19 @@ def test_export_keeps_the_faster_passing_int8_method_and_says_why(
         assert set(choice["timed_ms"]) == {"dynamic", "static"} and "load_average" in choice
         assert variant["method"] == choice["chosen"] == choice["order"][0]  # both pass on the tiny model
         assert choice["rejected"] == {}
-    assert manifest["parity"]["export"]["classify/int8"]["checks"]["logits_flip_margin_max"]["passed"] is True
+    classify = manifest["parity"]["export"]["classify/int8"]
+    assert classify["checks"]["logits_flip_margin_max"]["passed"] is True
+    assert [len(photo_paths), 64, 64] in classify["runs"]  # the photos were compared too, not only noise
+
+
+def test_export_fails_an_int8_variant_that_changes_a_class(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The logit rule is wired into export: a limit no variant can meet (every flip margin is >= 0) fails it."""
+    from pvt_deploy.errors import ExportError
+    from tests.fixtures.exported import export_tiny
+
+    monkeypatch.setitem(PARITY_THRESHOLDS["int8"], "logits_flip_margin_max", -1.0)
+    with pytest.raises(ExportError, match=r"classify.int8.onnx failed its int8 parity: .*logits_flip_margin_max"):
+        export_tiny(tiny_checkpoint, tmp_path / "tiny-int8", precisions=("fp32", "int8"))
+    assert not (tmp_path / "tiny-int8").exists()
