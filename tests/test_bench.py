@@ -84,6 +84,7 @@ def _check_result(result: dict, batches: list[int], variants: set[str]) -> None:
         if key.startswith("ort-cpu-fp32"):
             assert variant["fidelity"]["embedding_cosine_min"] > 0.99999
             assert variant["fidelity"]["top1_agreement"] == 1.0
+            assert variant["fidelity"]["flip_margin_max"] == 0.0  # no top-1 changed
     assert all(g["gflop_per_s"] > 0 for g in result["gemm"].values())
 
 

@@ -58,6 +58,11 @@ def format_table(result: dict[str, Any]) -> str:
             + (
                 f"; embedding cosine mean {fidelity['embedding_cosine_mean']:.6f} min "
                 f"{fidelity['embedding_cosine_min']:.6f}, top-1 agreement {fidelity['top1_agreement']:.0%}"
+                + (
+                    f", largest fp32 logit margin at a changed top-1 {fidelity['flip_margin_max']:.3f}"
+                    if "flip_margin_max" in fidelity
+                    else ""
+                )
                 if fidelity
                 else ""
             )

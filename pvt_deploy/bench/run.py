@@ -45,6 +45,7 @@ from pvt_deploy.bench.runners import (
     cuda_device_present,
 )
 from pvt_deploy.errors import BenchError
+from pvt_deploy.export.parity import flip_margin_max, top1_margins
 from pvt_deploy.manifest import read_manifest
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -98,12 +99,17 @@ def _fidelity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]
     top1_ref = reference["probabilities"].argmax(1)
     top1 = candidate["probabilities"].argmax(1)
     ordered = np.sort(reference["probabilities"], axis=1)
+    # log-probabilities differ from logits by one constant per row, so their top-1 margins are the logit margins
+    log_reference = np.log(np.maximum(reference["probabilities"].astype(np.float64), 1e-300))
+    log_candidate = np.log(np.maximum(candidate["probabilities"].astype(np.float64), 1e-300))
     return {
         "embedding_cosine_mean": float(cosine.mean()),
         "embedding_cosine_min": float(cosine.min()),
         "probabilities_max_abs": float(np.abs(reference["probabilities"] - candidate["probabilities"]).max()),
         "top1_agreement": float((top1 == top1_ref).mean()),
         "reference_top1_margin_median": float(np.median(ordered[:, -1] - ordered[:, -2])),
+        "reference_logit_margin_min": float(top1_margins(log_reference).min()),
+        "flip_margin_max": flip_margin_max(log_reference, log_candidate),
     }
 
 
