@@ -119,13 +119,34 @@ def write_plot(result: dict[str, Any], path: Path) -> Path:
             cells = (_cell(row.get("limit_fraction"), "{:.0%} lim"), _cell(row.get("speedup_vs_eager"), "{:.2f}x"))
             label = "\n".join(cell for cell in cells if cell != "-")
             if label:
-                left.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", fontsize=6)
+                left.annotate(
+                    label,
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=6,
+                )
         right.bar(xs, [by_batch[b]["ms_per_image"] if b in by_batch else 0 for b in batches], width, label=variant)
     gflop = result["model"]["gflop_per_image"]
-    for threads, limits in (result.get("limits") or {}).items():
-        for name, limit in limits.items():
-            left.axhline(limit["gflop_per_s"] / gflop, linestyle="--", color="gray", linewidth=0.8)
-            left.text(0, limit["gflop_per_s"] / gflop, f" {name}-bound ({threads} threads)", va="bottom", fontsize=7)
+    lines = [
+        (name, threads, limit)
+        for threads, limits in (result.get("limits") or {}).items()
+        for name, limit in limits.items()
+    ]
+    for index, (name, threads, limit) in enumerate(lines):
+        left.axhline(limit["gflop_per_s"] / gflop, linestyle="--", color="gray", linewidth=0.8)
+        x = (index + 0.5) / max(1, len(lines))  # spread along the axis: close limits must not print on each other
+        left.text(
+            x,
+            limit["gflop_per_s"] / gflop,
+            f"{name}-bound ({threads}t)",
+            va="bottom",
+            ha="center",
+            fontsize=7,
+            transform=left.get_yaxis_transform(),
+        )
     model = result["model"]
     title = f"{model['network']} {model['size'][0]}x{model['size'][1]} on {result['machine']['processor']}"
     for axis, label in ((left, "images / s (higher is better)"), (right, "ms per image, median (lower is better)")):
@@ -134,8 +155,14 @@ def write_plot(result: dict[str, Any], path: Path) -> Path:
         axis.grid(axis="y", alpha=0.3)
     left.legend(fontsize=8)
     loaded = bool((result.get("load") or {}).get("loaded"))
+    load = result.get("load") or {}
+    load_note = (
+        f"LOADED RUN: load average {load.get('start')} at start, {load.get('end')} at end; figures are noisy"
+        if loaded
+        else f"quiet run: load average {load.get('start')} at start, {load.get('end')} at end"
+    )
     fig.suptitle(
-        title + "\n" + cpu_line(result["machine"]) + "\n" + load_line(result),
+        title + "\n" + cpu_line(result["machine"]) + "\n" + load_note,
         fontsize=9,
         color="red" if loaded else "black",
     )
