@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from pvt_deploy.bench.flops import flops_per_image
 from pvt_deploy.bench.machine import cpu_line, parse_cpuinfo
-from pvt_deploy.bench.measure import percentile, summarize
+from pvt_deploy.bench.measure import limit_for, load_record, ort_gemm_rate, percentile, summarize
+from pvt_deploy.bench.report import format_table, load_line
 from pvt_deploy.cli import cli
 from pvt_deploy.model.pvt_v2 import PVT_V2_CONFIGS
 
@@ -69,11 +70,21 @@ def _check_result(result: dict, batches: list[int], variants: set[str]) -> None:
         assert row["images_per_s"] > 0
         assert row["gemm_fraction"] > 0
         assert row["rss_peak_mb"] > 0
+        # every CPU variant is held against its own limit, next to its speed-up
+        assert row["limit"] == limit_for(row["engine"], row["precision"], row["device"])
+        assert row["limit_fraction"] == pytest.approx(row["gflop_per_s"] / row["limit_gflop_per_s"])
+        assert row["speedup_vs_eager"] > 0
+        assert row["loaded"] is result["load"]["loaded"]
+    assert {"start", "end", "loaded", "why", "rule"} <= set(result["load"])
+    for limits in result["limits"].values():
+        assert set(limits) == {"torch-sgemm", "mlas-sgemm", "mlas-u8s8"}
+        assert all(limit["gflop_per_s"] > 0 for limit in limits.values())
     for key, variant in result["variants"].items():
         assert variant["cold_start_s"] > 0
         if key.startswith("ort-cpu-fp32"):
             assert variant["fidelity"]["embedding_cosine_min"] > 0.99999
             assert variant["fidelity"]["top1_agreement"] == 1.0
+            assert variant["fidelity"]["flip_margin_max"] == 0.0  # no top-1 changed
     assert all(g["gflop_per_s"] > 0 for g in result["gemm"].values())
 
 
@@ -87,10 +98,75 @@ def test_bench_quick_on_tiny_export_writes_json_and_png(tiny_export_dir: Path, t
     _check_result(data, [1, 2], {"torch-eager-cpu", "ort-cpu-fp32"})
     assert data["settings"]["interleaved"] is True
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
-    assert "x eager" in result.output and "sgemm on 1 threads" in result.output
+    assert "x eager" in result.output and "%limit" in result.output and "limits on 1 threads" in result.output
+    assert load_line(data) in result.output
     machine = data["machine"]
     assert machine["onnxruntime"] and machine["torch"] and isinstance(machine["cpu"]["flags"], list)
     assert cpu_line(machine) in result.output  # the table opens with the CPU it was measured on
+
+
+def test_limits_per_variant() -> None:
+    assert limit_for("pytorch-eager", "fp32", "cpu") == "torch-sgemm"
+    assert limit_for("torch-compile", "fp32", "cpu") == "torch-sgemm"
+    assert limit_for("onnxruntime", "fp32", "cpu") == "mlas-sgemm"
+    assert limit_for("onnxruntime", "int8", "cpu") == "mlas-u8s8"
+    assert limit_for("onnxruntime", "fp16", "cuda") is None
+
+
+@pytest.mark.parametrize("kind", ["fp32", "u8s8"])
+def test_onnxruntime_gemm_rates_are_measured(kind: str) -> None:
+    rate = ort_gemm_rate(1, kind, calls=2, size=128)
+    assert rate["best_gflop_per_s"] >= rate["median_gflop_per_s"] > 0
+    with pytest.raises(ValueError, match="unknown GEMM kind"):
+        ort_gemm_rate(1, "fp8", calls=1, size=8)
+
+
+def test_a_loaded_run_is_marked_in_json_table_and_plot(tmp_path: Path) -> None:
+    quiet = load_record([0.3, 0.2, 0.1], [2.4, 1.0, 0.5], own_threads=2)  # its own 2 threads do not count
+    assert quiet["loaded"] is False and quiet["why"] is None
+    busy_start = load_record([13.0, 12.0, 11.0], [2.4, 1.0, 0.5], own_threads=2)
+    assert busy_start["loaded"] is True and "13.00 at start" in busy_start["why"]
+    busy_end = load_record([0.3, 0.2, 0.1], [5.0, 3.0, 1.0], own_threads=2)
+    assert busy_end["loaded"] is True and "5.00 at end" in busy_end["why"]
+    assert load_record(None, None, own_threads=1)["loaded"] is False  # no load average on this OS: not claimed
+
+    from pvt_deploy.bench.report import write_plot
+
+    row = {
+        "variant": "ort-cpu-fp32@2t",
+        "engine": "onnxruntime",
+        "precision": "fp32",
+        "device": "cpu",
+        "batch": 1,
+        "images_per_s": 2.0,
+        "ms_per_image": 500.0,
+        "limit": "mlas-sgemm",
+        "limit_fraction": 0.55,
+        "speedup_vs_eager": 2.1,
+        "loaded": True,
+    }
+    result = {
+        "machine": {"cpu": {"model_name": "Test CPU", "flags": ["avx2"]}, "processor": "Test CPU"},
+        "model": {
+            "network": "pvt_v2_b2",
+            "size": [384, 384],
+            "gflop_per_image": 22.8,
+            "gflop_per_image_with_attention_products": 25.3,
+        },
+        "runs": [row],
+        "variants": {},
+        "skipped": {},
+        "limits": {"2": {"mlas-sgemm": {"gflop_per_s": 80.0}}},
+        "load": busy_start,
+    }
+    table = format_table(result)
+    assert "LOADED RUN (load average 13.00 at start)" in table
+    assert "55%" in table and "2.10" in table and "mlas-sgemm" in table
+    result["load"] = quiet
+    assert "quiet run" in format_table(result) and "LOADED" not in format_table(result)
+    result["load"] = busy_start
+    plot = write_plot(result, tmp_path / "loaded.png")
+    assert plot.read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.mark.slow

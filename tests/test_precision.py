@@ -9,10 +9,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from pvt_deploy.export.parity import GraphParity, margin_buckets, output_metrics
 from pvt_deploy.export.precision import (
     INT8_FLOAT_GROUPS,
     PARITY_THRESHOLDS,
+    choose_int8_method,
     float_nodes_for_int8,
+    int8_node_roles,
     make_variant,
     optimize_fp32,
 )
@@ -125,6 +128,88 @@ def test_int8_float_groups_find_their_nodes(tmp_path: Path) -> None:
     assert len(float_nodes_for_int8(model, [])) == 0
 
 
+def test_int8_node_roles_name_every_gemm_by_stage_and_role(tmp_path: Path) -> None:
+    raw, _ = _export_raw(tmp_path, "classify")
+    fp32 = tmp_path / "classify.fp32.onnx"
+    optimize_fp32(raw, fp32)  # onnxruntime's offline pass renames some MatMul+Add pairs to Gemm_<n>
+    model = onnx.load(str(fp32))
+    roles = int8_node_roles(model)
+    assert "other" not in {role for _, role in roles.values()}
+    tiny_blocks = 4  # one block per stage
+    for role in ("q", "kv", "proj", "fc1", "fc2", "dwconv"):
+        assert sorted(stage for stage, r in roles.values() if r == role) == [1, 2, 3, 4], role
+    assert sum(r == "attention" for _, r in roles.values()) == 2 * tiny_blocks
+    # a stage group keeps every quantizable node of that stage float, and only those
+    last = set(float_nodes_for_int8(model, ["stage4"]))
+    assert last == {name for name, (stage, role) in roles.items() if stage == 4}
+    assert set(float_nodes_for_int8(model, ["fc2"])) == {n for n, (_, r) in roles.items() if r == "fc2"}
+
+
+def test_float_groups_reach_the_int8_graph(tmp_path: Path) -> None:
+    raw, _ = _export_raw(tmp_path, "embed")
+    fp32 = tmp_path / "embed.fp32.onnx"
+    optimize_fp32(raw, fp32)
+    default, last_float = tmp_path / "default.onnx", tmp_path / "last.onnx"
+    shipped = make_variant(fp32, "int8", default)
+    wider = make_variant(fp32, "int8", last_float, float_groups=[*INT8_FLOAT_GROUPS, "stage4"])
+    assert shipped["float_groups"] == list(INT8_FLOAT_GROUPS)
+    assert wider["float_nodes"] > shipped["float_nodes"]
+
+    def quantized(path: Path) -> int:
+        return sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in onnx.load(str(path)).graph.node)
+
+    assert quantized(last_float) < quantized(default)
+
+
+def test_flip_margin_check_fails_a_variant_that_changes_a_clear_class() -> None:
+    """The int8 fidelity rule: a top-1 may change only where fp32's margin is below 0.5 logit."""
+    reference = np.array([[3.0, 2.0, 0.0], [1.0, 0.9, 0.0], [0.0, 0.0, 5.0]], dtype=np.float32)
+    near_tie_flip = np.array([[3.0, 2.0, 0.0], [0.9, 1.0, 0.0], [0.0, 0.0, 5.0]], dtype=np.float32)
+    clear_flip = np.array([[2.0, 3.0, 0.0], [1.0, 0.9, 0.0], [0.0, 0.0, 5.0]], dtype=np.float32)
+
+    def judged(candidate: np.ndarray) -> GraphParity:
+        parity = GraphParity("classify", "int8")
+        parity.add("logits", output_metrics("logits", reference, candidate))
+        return parity.judge()
+
+    tolerated = judged(near_tie_flip)
+    assert tolerated.outputs["logits"]["flip_margin_max"] == pytest.approx(0.1)
+    assert tolerated.passed
+    flipped = judged(clear_flip)
+    assert flipped.outputs["logits"]["flip_margin_max"] == pytest.approx(1.0)
+    assert not flipped.passed
+    assert "logits_flip_margin_max = 1 (limit 0.5)" in flipped.failures()[0]
+    # merged over several runs, the worst (largest) flipped margin is kept
+    merged = GraphParity("classify", "int8")
+    merged.add("logits", output_metrics("logits", reference, clear_flip))
+    merged.add("logits", output_metrics("logits", reference, near_tie_flip))
+    assert merged.outputs["logits"]["flip_margin_max"] == pytest.approx(1.0)
+
+
+def test_margin_buckets_report_agreement_and_logit_error() -> None:
+    reference = np.array([[3.0, 2.0], [1.0, 0.9], [0.0, 5.0], [0.2, 0.0]])
+    candidate = np.array([[3.1, 2.0], [0.9, 1.0], [0.0, 5.0], [0.2, 0.0]])
+    rows = {(row["margin_from"], row["margin_to"]): row for row in margin_buckets(reference, candidate)}
+    assert rows[(0.0, 0.25)]["samples"] == 2 and rows[(0.0, 0.25)]["flips"] == 1
+    assert rows[(0.0, 0.25)]["top1_agreement"] == 0.5
+    assert rows[(1.0, 2.0)]["top1_agreement"] == 1.0
+    assert rows[(1.0, 2.0)]["delta_logit_max"] == pytest.approx(0.1)
+    assert rows[(4.0, float("inf"))]["samples"] == 1 and rows[(0.5, 1.0)]["samples"] == 0
+
+
+def test_choose_int8_method_times_both_when_static_is_possible(tmp_path: Path, photo_paths: list[Path]) -> None:
+    raw, _ = _export_raw(tmp_path, "classify")
+    fp32 = tmp_path / "classify.fp32.onnx"
+    optimize_fp32(raw, fp32)
+    without = choose_int8_method(fp32, None)
+    assert without["order"] == ["dynamic"] and "no calibration images" in without["why"]
+    x = _photos(photo_paths)
+    timed = choose_int8_method(fp32, [x[:6], x[6:]], rounds=2)
+    assert sorted(timed["order"]) == ["dynamic", "static"]
+    assert timed["timed_ms"][timed["order"][0]] <= timed["timed_ms"][timed["order"][1]]
+    assert timed["order"][0] in timed["why"] and "load_average" in timed
+
+
 def _head_with_margins(embeddings: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
     """A nearest-class-mean head on fp32 embeddings (one class per photo): logits with real margins."""
     classes = np.stack([embeddings[i::groups].mean(0) for i in range(groups)])
@@ -221,3 +306,41 @@ def test_fp16_variant_on_cuda_matches_fp32(tmp_path: Path, photo_paths: list[Pat
     assert cuda.get_providers()[0] == "CUDAExecutionProvider"
     for before, after in zip(_run(fp32, x), cuda.run(None, {"input": x}), strict=True):
         assert _cosine(before, after).min() >= PARITY_THRESHOLDS["fp16"]["features_cosine_min"]
+
+
+def test_export_keeps_the_faster_passing_int8_method_and_says_why(
+    tmp_path: Path, tiny_checkpoint: Path, photo_paths: list[Path]
+) -> None:
+    """With --calib both int8 methods are timed on this machine; the manifest records the order, the timings, the
+    load, and which method each graph shipped (the first in that order that passed its thresholds)."""
+    import json
+
+    from tests.fixtures.exported import export_tiny
+
+    out = export_tiny(
+        tiny_checkpoint, tmp_path / "tiny-int8", precisions=("fp32", "int8"), calib_dir=photo_paths[0].parent
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    for graph in ("classify", "embed", "features"):
+        variant = manifest["graphs"][graph]["int8"]["variant"]
+        choice = variant["method_choice"]
+        assert sorted(choice["order"]) == ["dynamic", "static"]
+        assert set(choice["timed_ms"]) == {"dynamic", "static"} and "load_average" in choice
+        assert variant["method"] == choice["chosen"] == choice["order"][0]  # both pass on the tiny model
+        assert choice["rejected"] == {}
+    classify = manifest["parity"]["export"]["classify/int8"]
+    assert classify["checks"]["logits_flip_margin_max"]["passed"] is True
+    assert [len(photo_paths), 64, 64] in classify["runs"]  # the photos were compared too, not only noise
+
+
+def test_export_fails_an_int8_variant_that_changes_a_class(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The logit rule is wired into export: a limit no variant can meet (every flip margin is >= 0) fails it."""
+    from pvt_deploy.errors import ExportError
+    from tests.fixtures.exported import export_tiny
+
+    monkeypatch.setitem(PARITY_THRESHOLDS["int8"], "logits_flip_margin_max", -1.0)
+    with pytest.raises(ExportError, match=r"classify.int8.onnx failed its int8 parity: .*logits_flip_margin_max"):
+        export_tiny(tiny_checkpoint, tmp_path / "tiny-int8", precisions=("fp32", "int8"))
+    assert not (tmp_path / "tiny-int8").exists()

@@ -1,8 +1,9 @@
-"""Timing and memory primitives: percentiles, the machine's sgemm rate, resident-set sampling."""
+"""Timing and memory primitives: percentiles, the machine's GEMM rates (its limits), load, resident-set sampling."""
 
 from __future__ import annotations
 
 import math
+import os
 import resource
 import shutil
 import statistics
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import psutil
 
 GEMM_SIZE = 2048
@@ -61,6 +63,110 @@ def gemm_gflops(threads: int, calls: int = 5, size: int = GEMM_SIZE) -> dict[str
     finally:
         torch.set_num_threads(previous)
     return {"median_gflop_per_s": statistics.median(rates), "best_gflop_per_s": max(rates), "size": size}
+
+
+def ort_gemm_rate(threads: int, kind: str = "fp32", calls: int = 5, size: int = GEMM_SIZE) -> dict[str, float]:
+    """onnxruntime's own GEMM rate on ``threads`` threads, i.e. the MLAS kernels the exported graphs run on.
+
+    ``kind="fp32"``: a ``MatMul`` with a constant (pre-packed) weight, MLAS sgemm: the limit of the fp32 graphs.
+    ``kind="u8s8"``: a ``MatMulInteger`` with uint8 activations and a constant int8 weight, MLAS's u8s8 GEMM (AVX2
+    ``vpmaddubsw``; VNNI/AMX where the CPU has it): the limit of the int8 graphs, whose quantized MatMuls run on it.
+    Returns the median and best of ``calls`` timed runs after one warm-up, in G(FL)OP/s (2 ops per multiply-add)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if kind == "fp32":
+        weight = numpy_helper.from_array(rng.standard_normal((size, size), dtype=np.float32), "B")
+        node = helper.make_node("MatMul", ["A", "B"], ["Y"])
+        a = rng.standard_normal((size, size), dtype=np.float32)
+        a_type, y_type, inits = TensorProto.FLOAT, TensorProto.FLOAT, [weight]
+    elif kind == "u8s8":
+        weight = numpy_helper.from_array(rng.integers(-127, 128, (size, size), dtype=np.int8), "B")
+        zero = numpy_helper.from_array(np.array(128, dtype=np.uint8), "a_zero")  # asymmetric, as dynamic int8 is
+        node = helper.make_node("MatMulInteger", ["A", "B", "a_zero"], ["Y"])
+        a = rng.integers(0, 256, (size, size), dtype=np.uint8)
+        a_type, y_type, inits = TensorProto.UINT8, TensorProto.INT32, [weight, zero]
+    else:
+        raise ValueError(f"unknown GEMM kind {kind!r} (fp32, u8s8)")
+    graph = helper.make_graph(
+        [node],
+        f"gemm_{kind}",
+        [helper.make_tensor_value_info("A", a_type, [size, size])],
+        [helper.make_tensor_value_info("Y", y_type, [size, size])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the runtime's sessions run
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, {"A": a})
+    rates = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        session.run(None, {"A": a})
+        rates.append(2.0 * size**3 / (time.perf_counter() - start) / 1e9)
+    return {"median_gflop_per_s": statistics.median(rates), "best_gflop_per_s": max(rates), "size": size}
+
+
+LIMITS = ("torch-sgemm", "mlas-sgemm", "mlas-u8s8")
+"""The machine's GEMM rates a variant is held against: torch's BLAS for PyTorch fp32, MLAS sgemm for onnxruntime fp32,
+MLAS u8s8 for onnxruntime int8 (as if every FLOP ran at that rate: the float ops left in an int8 graph count too)."""
+
+
+def gemm_limits(threads: int, calls: int = 5) -> dict[str, dict[str, float]]:
+    """Every rate in ``LIMITS`` on ``threads`` threads."""
+    return {
+        "torch-sgemm": gemm_gflops(threads, calls),
+        "mlas-sgemm": ort_gemm_rate(threads, "fp32", calls),
+        "mlas-u8s8": ort_gemm_rate(threads, "u8s8", calls),
+    }
+
+
+def limit_for(engine: str, precision: str, device: str) -> str | None:
+    """Which of ``LIMITS`` bounds a variant; None where none was measured (GPU variants)."""
+    if device != "cpu":
+        return None
+    if engine.startswith("pytorch") or engine.startswith("torch"):
+        return "torch-sgemm" if precision == "fp32" else None
+    if engine == "onnxruntime":
+        return {"fp32": "mlas-sgemm", "int8": "mlas-u8s8"}.get(precision)
+    return None
+
+
+LOADED_ABOVE = 1.0
+"""A run is marked loaded when other work kept more than this many runnable threads on the machine."""
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_record(start: list[float] | None, end: list[float] | None, own_threads: int) -> dict[str, object]:
+    """The load the run saw and whether it was loaded: the 1-minute average above ``LOADED_ABOVE`` at the start, or
+    at the end once the bench's own threads (which the load average counts too) are taken off."""
+    reasons = []
+    if start is not None and start[0] > LOADED_ABOVE:
+        reasons.append(f"load average {start[0]:.2f} at start")
+    if end is not None and end[0] - own_threads > LOADED_ABOVE:
+        reasons.append(f"load average {end[0]:.2f} at end (bench's own threads: {own_threads})")
+    return {
+        "start": start,
+        "end": end,
+        "own_threads": own_threads,
+        "loaded": bool(reasons),
+        "why": "; ".join(reasons) if reasons else None,
+        "rule": f"loaded when the 1-min load average is > {LOADED_ABOVE:g} at start, or > {LOADED_ABOVE:g} + the "
+        "bench's own threads at end; loaded figures are noisy (other processes share the cores)",
+    }
 
 
 class RssSampler:

@@ -1,9 +1,10 @@
 """One benchmark run: every variant, every batch size, interleaved call by call so that machine noise (other
 processes, turbo, thermal) lands on all variants alike and the ratios between them stay meaningful.
 
-Per thread setting: sgemm rate -> create each runner (cold start) -> fidelity on the images -> per batch size:
-separate warm-up calls, then rounds in which every runner makes one timed call (the order rotates each round)
--> sgemm rate again. The steady state is bounded by a time budget (or a fixed number of rounds)."""
+Per thread setting: the machine's GEMM limits (torch sgemm, MLAS sgemm, MLAS u8s8) -> create each runner (cold
+start) -> fidelity on the images -> per batch size: separate warm-up calls, then rounds in which every runner makes
+one timed call (the order rotates each round) -> the limits again. The steady state is bounded by a time budget (or
+a fixed number of rounds). The load average is recorded at start and end; a loaded run is marked as such."""
 
 from __future__ import annotations
 
@@ -23,9 +24,13 @@ import numpy as np
 from pvt_deploy.bench.flops import flops_per_image
 from pvt_deploy.bench.machine import machine_info
 from pvt_deploy.bench.measure import (
+    LIMITS,
     RssSampler,
-    gemm_gflops,
+    gemm_limits,
     gpu_memory_used_mb,
+    limit_for,
+    load_average,
+    load_record,
     nvidia_smi_query,
     process_peak_rss_mb,
     summarize,
@@ -39,6 +44,7 @@ from pvt_deploy.bench.runners import (
     cuda_device_present,
 )
 from pvt_deploy.errors import BenchError, RunnerUnavailable
+from pvt_deploy.export.parity import flip_margin_max, top1_margins
 from pvt_deploy.format.manifest import Manifest, load_manifest
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -92,12 +98,17 @@ def _fidelity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]
     top1_ref = reference["probabilities"].argmax(1)
     top1 = candidate["probabilities"].argmax(1)
     ordered = np.sort(reference["probabilities"], axis=1)
+    # log-probabilities differ from logits by one constant per row, so their top-1 margins are the logit margins
+    log_reference = np.log(np.maximum(reference["probabilities"].astype(np.float64), 1e-300))
+    log_candidate = np.log(np.maximum(candidate["probabilities"].astype(np.float64), 1e-300))
     return {
         "embedding_cosine_mean": float(cosine.mean()),
         "embedding_cosine_min": float(cosine.min()),
         "probabilities_max_abs": float(np.abs(reference["probabilities"] - candidate["probabilities"]).max()),
         "top1_agreement": float((top1 == top1_ref).mean()),
         "reference_top1_margin_median": float(np.median(ordered[:, -1] - ordered[:, -2])),
+        "reference_logit_margin_min": float(top1_margins(log_reference).min()),
+        "flip_margin_max": flip_margin_max(log_reference, log_candidate),
     }
 
 
@@ -164,6 +175,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None, bar: Any = 
     flops = flops_per_image(net_config, size, num_classes)
     images, images_note = _input_images(config, manifest)
     started = time.perf_counter()
+    load_at_start = load_average()
     result: dict[str, Any] = {
         "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(),
@@ -193,10 +205,14 @@ def run_bench(config: BenchConfig, progress: Progress | None = None, bar: Any = 
         "variants": {},
         "skipped": {},
         "gemm": {},
+        "limits": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
         for threads in config.threads:
             _bench_threads(config, manifest, threads, images, flops, result, Path(tmp), log, bar)
+    result["load"] = load_record(load_at_start, load_average(), config.threads[-1])
+    for row in result["runs"]:
+        row["loaded"] = result["load"]["loaded"]
     result["process_peak_rss_mb"] = process_peak_rss_mb()
     result["ratios"] = _ratios(result)
     result["wall_s"] = time.perf_counter() - started
@@ -214,9 +230,13 @@ def _bench_threads(
     log: Progress,
     bar: Any,
 ) -> None:
-    """One thread setting: sgemm, start every runner, time each batch size, sgemm again."""
-    gemm_before = gemm_gflops(threads)
-    log(f"[{threads} threads] sgemm {gemm_before['median_gflop_per_s']:.1f} GFLOP/s")
+    """One thread setting: GEMM limits, start every runner, time each batch size, GEMM limits again."""
+    limits_before = gemm_limits(threads)
+    log(
+        f"[{threads} threads] limits: "
+        + ", ".join(f"{name} {rate['median_gflop_per_s']:.1f} GFLOP/s" for name, rate in limits_before.items())
+        + f"; load average {load_average()}"
+    )
     runners = _start_runners(_make_runners(config, manifest, threads, tmp), images, threads, result, log)
     try:
         share = config.budget_s / max(1, len(config.batch_sizes))
@@ -233,7 +253,7 @@ def _bench_threads(
             rss = {r.name: RssSampler() for r in active}
             samples = _timed_rounds(active, x, rounds, rss, bar)
             result["runs"] += _rows(active, threads, batch, warm, samples, rss, flops)
-        _record_gemm(result, threads, gemm_before, gemm_gflops(threads))
+        _record_limits(result, threads, limits_before, gemm_limits(threads))
     finally:
         for runner in runners:
             runner.close()
@@ -335,13 +355,35 @@ def _rows(
     return rows
 
 
-def _record_gemm(result: dict[str, Any], threads: int, before: dict[str, Any], after: dict[str, Any]) -> None:
-    """The sgemm rate for ``threads`` (median of before/after) and each CPU row's fraction of it."""
-    rate = statistics.median([before["median_gflop_per_s"], after["median_gflop_per_s"]])
-    result["gemm"][str(threads)] = {"before": before, "after": after, "gflop_per_s": rate}
+def _record_limits(
+    result: dict[str, Any], threads: int, before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]
+) -> None:
+    """Each GEMM limit for ``threads`` (median of before/after) and each CPU row's share of its own limit.
+
+    ``gemm`` keeps torch's sgemm (``gemm_fraction``: every variant against one yardstick); ``limits`` has all three,
+    and ``limit`` / ``limit_fraction`` on a row name the one that bounds that variant (``measure.limit_for``)."""
+    rates = {
+        name: statistics.median([before[name]["median_gflop_per_s"], after[name]["median_gflop_per_s"]])
+        for name in LIMITS
+    }
+    result["limits"][str(threads)] = {
+        name: {"before": before[name], "after": after[name], "gflop_per_s": rates[name]} for name in LIMITS
+    }
+    torch_rate = rates["torch-sgemm"]
+    result["gemm"][str(threads)] = {
+        "before": before["torch-sgemm"],
+        "after": after["torch-sgemm"],
+        "gflop_per_s": torch_rate,
+    }
     for row in result["runs"]:
-        if row["threads"] == threads and row["device"] == "cpu":
-            row["gemm_fraction"] = row["gflop_per_s"] / rate
+        if row["threads"] != threads or row["device"] != "cpu":
+            continue
+        row["gemm_fraction"] = row["gflop_per_s"] / torch_rate
+        limit = limit_for(row["engine"], row["precision"], row["device"])
+        if limit is not None:
+            row["limit"] = limit
+            row["limit_gflop_per_s"] = rates[limit]
+            row["limit_fraction"] = row["gflop_per_s"] / rates[limit]
 
 
 def _ratios(result: dict[str, Any]) -> dict[str, dict[str, float]]:

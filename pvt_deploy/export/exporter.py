@@ -104,6 +104,7 @@ class ReferenceCache:
     def __init__(self, source: ExportSource) -> None:
         self.model = source.model
         self._cache: dict[tuple[int, int, int], tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+        self._images: dict[str, dict[str, np.ndarray]] = {}
 
     def get(self, batch: int, size: tuple[int, int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         key = (batch, *size)
@@ -113,6 +114,17 @@ class ReferenceCache:
             outputs = {name: t.numpy() for name, t in reference_all(self.model, x).items()}
             self._cache[key] = (x.numpy(), outputs)
         return self._cache[key]
+
+    def of_images(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """PyTorch outputs of given inputs (int8's photo check), computed once per distinct array."""
+        import hashlib
+
+        key = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+        if key not in self._images:
+            with torch.inference_mode():
+                outputs = reference_all(self.model, torch.from_numpy(np.ascontiguousarray(images)))
+            self._images[key] = {name: t.numpy() for name, t in outputs.items()}
+        return self._images[key]
 
 
 def sweep_cases(size: tuple[int, int], dynamic_size: bool) -> list[tuple[int, tuple[int, int]]]:
@@ -407,9 +419,20 @@ def _export_variants(
         return variants
     calibration = _calibration_batches(options.calib_dir, source)
     for precision_name in options.precisions[1:]:
+        choice = _int8_method_choice(fp32_graphs, calibration, log) if precision_name == "int8" else None
         for graph, fp32_path in fp32_graphs.items():
             variants[(graph, precision_name)] = _make_variant(
-                fp32_path, graph, precision_name, source, options.dynamic_size, calibration, cache, cases, parity, log
+                fp32_path,
+                graph,
+                precision_name,
+                source,
+                options.dynamic_size,
+                calibration,
+                cache,
+                cases,
+                parity,
+                log,
+                choice,
             )
     return variants
 
@@ -424,6 +447,46 @@ def graph_entry(path: Path, variant: dict[str, Any] | None = None) -> GraphEntry
     return GraphEntry(
         file=path.name, inputs=tensors(described["inputs"]), outputs=tensors(described["outputs"]), variant=variant
     )
+
+
+INT8_PHOTO_CHECK_IMAGES = 16
+"""Calibration photos an int8 variant is also compared on: noise inputs rarely give a trained head the clear
+margins at which a class must be kept (logits_flip_margin_max), real photos do."""
+
+
+def _photo_parity(
+    path: Path, graph: str, result: GraphParity, cache: ReferenceCache, batches: list[np.ndarray]
+) -> GraphParity:
+    """Add the calibration photos (one call per photo, as the runtime runs dynamic int8) to an int8 sweep and
+    judge again."""
+    photos = np.concatenate(batches)[:INT8_PHOTO_CHECK_IMAGES]
+    reference = cache.of_images(photos)
+    session = ort_session(path)
+    names = list(GRAPH_OUTPUTS[graph])
+    rows = [session.run(names, {INPUT_NAME: photos[i : i + 1]}) for i in range(len(photos))]
+    for index, name in enumerate(names):
+        got = np.concatenate([row[index] for row in rows])
+        result.add(name, output_metrics(name, reference[name], got))
+    result.runs.append([len(photos), *photos.shape[2:]])
+    return result.judge()
+
+
+def _int8_method_choice(
+    fp32_graphs: dict[str, Path], calibration: list[np.ndarray] | None, log: Progress
+) -> dict[str, Any]:
+    """Time static against dynamic int8 on this machine (when calibration images allow static) on the classify
+    graph; every graph then keeps the fastest method that passes its fidelity thresholds."""
+    graph = "classify" if "classify" in fp32_graphs else next(iter(fp32_graphs))
+    try:
+        choice = precision.choose_int8_method(fp32_graphs[graph], calibration)
+    except PvtDeployError as exc:
+        raise type(exc)(f"{graph}: timing the int8 methods failed: {onnx_io.first_line(exc)}") from exc
+    except Exception as exc:
+        raise ExportError(
+            f"{graph}: timing the int8 methods failed: {type(exc).__name__}: {onnx_io.first_line(exc)}"
+        ) from exc
+    log(f"  int8 method: {' before '.join(choice['order'])} ({choice['why']})")
+    return choice
 
 
 def _graph_entries(
@@ -665,24 +728,40 @@ def _make_variant(
     cases: Sequence,
     parity: dict[str, Any],
     log: Progress,
+    int8_choice: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The variant as shipped: for int8, the first method of ``int8_choice["order"]`` that passes its thresholds
+    (recorded as the description's ``method_choice``); a variant no method makes pass fails the export."""
     out_path = fp32_path.with_name(graph_filename(graph, precision_name))
     batches = calibration if precision_name == "int8" else None
-    try:
-        description = precision.make_variant(fp32_path, precision_name, out_path, calibration_batches=batches)
-    except PvtDeployError as exc:
-        raise type(exc)(onnx_io.first_line(exc)) from exc
-    except Exception as exc:
-        raise ExportError(
-            f"{graph}: making the {precision_name} variant failed: {type(exc).__name__}: {onnx_io.first_line(exc)}"
-        ) from exc
-    metadata = graph_metadata(source, graph, precision_name, dynamic_size)
-    metadata[MetadataKey.BATCH_INVARIANT] = json.dumps(bool((description or {}).get("batch_invariant", True)))
-    onnx_io.set_metadata(out_path, metadata)
-    onnx_io.check_graph(out_path)
-    result = sweep_parity(out_path, graph, precision_name, cache, cases)
-    if not result.passed:
-        raise ExportError(f"{out_path.name} failed its {precision_name} parity: {'; '.join(result.failures())}")
+    methods: list[str | None] = list(int8_choice["order"]) if int8_choice else [None]
+    rejected: dict[str, str] = {}
+    for method in methods:
+        try:
+            description = precision.make_variant(
+                fp32_path, precision_name, out_path, calibration_batches=batches, int8_method=method
+            )
+        except PvtDeployError as exc:
+            raise type(exc)(onnx_io.first_line(exc)) from exc
+        except Exception as exc:
+            raise ExportError(
+                f"{graph}: making the {precision_name} variant failed: {type(exc).__name__}: {onnx_io.first_line(exc)}"
+            ) from exc
+        metadata = graph_metadata(source, graph, precision_name, dynamic_size)
+        metadata[MetadataKey.BATCH_INVARIANT] = json.dumps(bool((description or {}).get("batch_invariant", True)))
+        onnx_io.set_metadata(out_path, metadata)
+        onnx_io.check_graph(out_path)
+        result = sweep_parity(out_path, graph, precision_name, cache, cases)
+        if precision_name == "int8" and batches:
+            result = _photo_parity(out_path, graph, result, cache, batches)
+        if result.passed:
+            break
+        rejected[str(method)] = "; ".join(result.failures())
+    else:
+        raise ExportError(f"{out_path.name} failed its {precision_name} parity: {'; '.join(rejected.values())}")
     parity["export"][f"{graph}/{precision_name}"] = result.to_json()
     log(f"  {out_path.name}: {precision_name} variant matched PyTorch within its thresholds")
-    return dict(description or {})
+    description = dict(description or {})
+    if int8_choice:
+        description["method_choice"] = {**int8_choice, "chosen": description.get("method"), "rejected": rejected}
+    return description

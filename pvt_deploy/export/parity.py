@@ -1,16 +1,23 @@
 """Compare onnxruntime outputs with PyTorch's and judge them against ``PARITY_THRESHOLDS``.
 
 Thresholds are keyed ``<kind>_<metric>``: kind is an output name (``probabilities``, ``logits``, ``embedding``)
-or ``features`` for stage1..stage4; metric ``max_abs`` is an upper bound, ``cosine_min``/``cosine_mean`` lower
-bounds. The rule is generic: a new key needs no code change.
+or ``features`` for stage1..stage4; metric ``max_abs`` and ``*_max`` metrics (``flip_margin_max``) are upper
+bounds, ``cosine_min``/``cosine_mean`` lower bounds. The rule is generic: a new key needs no code change.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+KEEP_CLASS_MARGIN = 0.5
+"""Logits: wherever the fp32 top-1 leads the runner-up by at least this much, a variant must keep the top-1."""
+
+MARGIN_BUCKETS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, math.inf)
+"""Edges of the fp32-margin buckets that fidelity is reported by (logits)."""
 
 PARITY_THRESHOLDS: dict[str, dict[str, float]] = {
     "fp32": {
@@ -19,7 +26,14 @@ PARITY_THRESHOLDS: dict[str, dict[str, float]] = {
         "features_max_abs": 1e-4,
         "embedding_cosine_min": 0.99999,
     },
-    "int8": {"embedding_cosine_mean": 0.999, "embedding_cosine_min": 0.995, "features_cosine_min": 0.99},
+    "int8": {
+        "embedding_cosine_mean": 0.999,
+        "embedding_cosine_min": 0.995,
+        "features_cosine_min": 0.99,
+        # a class may change only where fp32 itself nearly tied: the largest fp32 top-1 margin among the samples
+        # whose top-1 changed must stay under 0.5 logit (docs/speed.md, "An int8 that keeps the class")
+        "logits_flip_margin_max": KEEP_CLASS_MARGIN,
+    },
     "fp16": {"embedding_cosine_min": 0.9999, "features_cosine_min": 0.9999},
 }
 """Limits per precision, checked by ``export`` and ``verify`` against the PyTorch fp32 model."""
@@ -48,6 +62,43 @@ def topk_agreement(reference: np.ndarray, candidate: np.ndarray, k: int) -> floa
     return float(np.mean(same))
 
 
+def top1_margins(logits: np.ndarray) -> np.ndarray:
+    """Per sample: top-1 logit minus the runner-up (float64; 0 for a tie or a single class)."""
+    if logits.shape[1] < 2:
+        return np.zeros(len(logits))
+    ordered = np.sort(logits.astype(np.float64), axis=1)
+    return ordered[:, -1] - ordered[:, -2]
+
+
+def flip_margin_max(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """The largest fp32 top-1 margin among the samples whose top-1 the candidate changed (0 when none changed):
+    a class change is harmless only where the reference itself nearly tied."""
+    flipped = reference.argmax(1) != candidate.argmax(1)
+    return float(top1_margins(reference)[flipped].max()) if flipped.any() else 0.0
+
+
+def margin_buckets(
+    reference: np.ndarray, candidate: np.ndarray, edges: tuple[float, ...] = MARGIN_BUCKETS
+) -> list[dict[str, float]]:
+    """Top-1 agreement and |delta logit| percentiles by bucket of the reference's top-1 margin (logits rows)."""
+    margins = top1_margins(reference)
+    same = reference.argmax(1) == candidate.argmax(1)
+    delta = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    rows = []
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        inside = (margins >= low) & (margins < high)
+        count = int(inside.sum())
+        row: dict[str, float] = {"margin_from": low, "margin_to": high, "samples": count}
+        if count:
+            row["top1_agreement"] = float(same[inside].mean())
+            row["flips"] = int((~same[inside]).sum())
+            for q in (50, 90, 99):
+                row[f"delta_logit_p{q}"] = float(np.percentile(delta[inside], q))
+            row["delta_logit_max"] = float(delta[inside].max())
+        rows.append(row)
+    return rows
+
+
 def output_metrics(name: str, reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     """max abs difference and cosine (min and mean over samples); top-1/top-5 agreement for class scores."""
     if reference.shape != candidate.shape:
@@ -62,7 +113,15 @@ def output_metrics(name: str, reference: np.ndarray, candidate: np.ndarray) -> d
     if name in ("probabilities", "logits"):
         metrics["top1_agreement"] = topk_agreement(reference, candidate, 1)
         metrics["top5_agreement"] = topk_agreement(reference, candidate, 5)
+    if name == "logits":
+        metrics["flip_margin_max"] = flip_margin_max(reference, candidate)
+        metrics["top1_margin_min"] = float(top1_margins(reference).min()) if len(reference) else 0.0
     return metrics
+
+
+def is_upper_bound(metric: str) -> bool:
+    """``max_abs`` and ``*_max`` metrics are limits from above; the others (cosines, agreements) from below."""
+    return metric == "max_abs" or metric.endswith("_max")
 
 
 def merge_metrics(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
@@ -71,7 +130,7 @@ def merge_metrics(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     for key, value in b.items():
         if key not in merged:
             merged[key] = value
-        elif key == "max_abs":
+        elif is_upper_bound(key):
             merged[key] = max(merged[key], value)
         else:
             merged[key] = min(merged[key], value)
@@ -117,7 +176,7 @@ class GraphParity:
             if kind not in kinds or metric not in kinds[kind]:
                 continue
             value = kinds[kind][metric]
-            passed = value <= limit if metric == "max_abs" else value >= limit
+            passed = value <= limit if is_upper_bound(metric) else value >= limit
             self.checks.append(ThresholdCheck(key, limit, value, bool(passed)))
         return self
 

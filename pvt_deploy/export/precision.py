@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -233,11 +234,13 @@ def make_variant(
     *,
     calibration_batches: Iterable[np.ndarray] | None = None,
     int8_method: str | None = None,
+    float_groups: Iterable[str] | None = None,
 ) -> dict[str, Any]:
     """Write the ``precision`` variant of one fp32 graph to ``out_path``; returns a description for the manifest.
 
     int8: static QDQ calibrated on ``calibration_batches`` when given, dynamic quantization otherwise;
-    ``int8_method`` forces one (``"dynamic"`` measured faster on this AVX2 CPU without VNNI, docs/speed.md)."""
+    ``int8_method`` forces one (``"dynamic"`` measured faster on this AVX2 CPU without VNNI, docs/speed.md);
+    ``float_groups`` (``float_nodes_for_int8``) are kept float [``INT8_FLOAT_GROUPS``]."""
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     if precision == "int8":
         batches = list(calibration_batches) if calibration_batches is not None else []
@@ -246,10 +249,12 @@ def make_variant(
             raise ExportError(f"unknown int8 method {method!r}; choose from {', '.join(INT8_METHODS)}")
         if method == "static" and not batches:
             raise ExportError("static int8 quantization needs calibration images (--calib DIR)")
+        groups = tuple(INT8_FLOAT_GROUPS if float_groups is None else float_groups)
         if method == "static":
-            description = _quantize_static(fp32_path, out_path, batches)
+            description = _quantize_static(fp32_path, out_path, batches, groups)
         else:
-            description = _quantize_dynamic(fp32_path, out_path)
+            description = _quantize_dynamic(fp32_path, out_path, groups)
+        description["float_groups"] = list(groups)
     elif precision == "fp16":
         description = _convert_fp16(fp32_path, out_path)
     else:
@@ -257,6 +262,66 @@ def make_variant(
     description.setdefault("batch_invariant", True)
     _copy_metadata(fp32_path, out_path, precision)
     return description
+
+
+INT8_CHOICE_ROUNDS = 5
+"""Interleaved batch-1 rounds export times the int8 methods for (a few seconds on b2; enough to tell static's
+1.0-1.2x from dynamic's 1.3-1.5x over fp32 on AVX2, docs/speed.md)."""
+
+
+def choose_int8_method(
+    fp32_path: Path,
+    calibration_batches: Iterable[np.ndarray] | None,
+    *,
+    rounds: int = INT8_CHOICE_ROUNDS,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Which int8 method to try first on this machine, by timing both: returns ``{"order": [...], "why": ...}``.
+
+    Without calibration images only dynamic is possible. With them, both variants of ``fp32_path`` (the classify
+    graph) are made and timed on one calibration image, interleaved call by call (batch 1, the runtime's own
+    session settings), and the faster comes first. The export then keeps the first method in ``order`` whose
+    variant passes its fidelity thresholds (``method_choice`` in the variant's manifest entry says which and why).
+    The load average is recorded with the timing: on a loaded machine the order can be noise."""
+    batches = list(calibration_batches) if calibration_batches is not None else []
+    if not batches:
+        return {"order": ["dynamic"], "why": "no calibration images (--calib), so static int8 is not possible"}
+    import statistics
+    import time
+
+    from pvt_deploy.bench.machine import cpu_summary
+    from pvt_deploy.bench.measure import load_average
+    from pvt_deploy.runtime.sessions import create_session
+
+    one = np.ascontiguousarray(batches[0][:1], dtype=np.float32)
+    times: dict[str, list[float]] = {"static": [], "dynamic": []}
+    load_before = load_average()
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        for method in times:
+            path = Path(tmp) / f"{method}.onnx"
+            make_variant(fp32_path, "int8", path, calibration_batches=batches, int8_method=method)
+            sessions[method] = create_session(path, threads=threads)
+            name = sessions[method].get_inputs()[0].name
+            sessions[method].run(None, {name: one})  # warm-up, apart from the timed rounds
+        for index in range(rounds):
+            order = list(times) if index % 2 == 0 else list(reversed(times))
+            for method in order:
+                begin = time.perf_counter()
+                sessions[method].run(None, {name: one})
+                times[method].append(time.perf_counter() - begin)
+    medians = {method: 1000 * statistics.median(values) for method, values in times.items()}
+    order = sorted(medians, key=medians.get)
+    load_after = load_average()
+    return {
+        "order": order,
+        "timed_ms": {method: round(ms, 2) for method, ms in medians.items()},
+        "rounds": rounds,
+        "cpu": cpu_summary(),
+        "load_average": {"before": load_before, "after": load_after},
+        "why": f"{order[0]} ran {medians[order[1]] / medians[order[0]]:.2f}x as fast as {order[1]} on this CPU "
+        f"(median of {rounds} interleaved batch-1 calls)",
+    }
 
 
 def _copy_metadata(fp32_path: Path, out_path: Path, precision: str) -> None:
@@ -272,8 +337,78 @@ def _copy_metadata(fp32_path: Path, out_path: Path, precision: str) -> None:
     onnx.save(model, str(out_path))
 
 
-INT8_FLOAT_GROUPS = ("attention_matmuls", "patch_embed", "classifier")
-"""Node groups kept in float in the int8 graph by default (measured in docs/speed.md)."""
+INT8_FLOAT_GROUPS = ("attention_matmuls", "patch_embed", "classifier", "proj", "kv")
+"""Node groups kept in float in the int8 graph by default (measured in docs/speed.md). ``proj`` and ``kv`` (the
+attention's output and key/value projections) moved b2's logits most when quantized; float, they cut the embedding
+error by a third and removed every class flip at fp32 margins >= 0.5 logit, at ~0.95x the speed (loaded machine)."""
+
+
+_ROLE_SEGMENTS = (
+    ("/attn/sr/", "sr"),
+    ("/attn/kv/", "kv"),
+    ("/attn/q/", "q"),
+    ("/attn/proj/", "proj"),
+    ("/mlp/fc1/", "fc1"),
+    ("/mlp/fc2/", "fc2"),
+    ("/mlp/dwconv/", "dwconv"),
+)
+_BLOCK = re.compile(r"/stage(\d+)/(?:blocks\.(\d+)/)?")
+_PASS_THROUGH = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
+
+
+def int8_node_roles(model: onnx.ModelProto) -> dict[str, tuple[int | None, str]]:
+    """Stage and role of every Conv/MatMul/Gemm, the units the int8 float-keeping is chosen in.
+
+    Roles: ``q``, ``kv``, ``proj``, ``fc1``, ``fc2`` (the weight GEMMs of a block), ``attention`` (the two
+    activation x activation products), ``sr``, ``dwconv``, ``patch_embed`` (stem and downsampling convs),
+    ``classifier``. onnxruntime's offline pass renames some MatMul+Add pairs to ``Gemm_<n>``; those are found by the
+    node that feeds them (norm2 -> fc1; norm1 -> q, or kv where the weight is twice as wide; the attention product
+    -> proj; the GELU -> fc2)."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    roles: dict[str, tuple[int | None, str]] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm"):
+            continue
+        name = node.name
+        role = next((role for segment, role in _ROLE_SEGMENTS if segment in name), None)
+        if "classifier" in name:
+            role = "classifier"
+        elif "patch_embed" in name or "downsample" in name:
+            role = "patch_embed"
+        elif node.op_type == "MatMul" and not any(i in initializers for i in node.input):
+            role = "attention"
+        source = producers.get(node.input[0])
+        for _ in range(4):  # walk back to the LayerNorm that feeds an unnamed GEMM
+            if source is None or source.op_type not in _PASS_THROUGH:
+                break
+            source = producers.get(source.input[0])
+        if role is None and source is not None:
+            weight = initializers.get(node.input[1])
+            wide = weight is not None and len(weight.dims) == 2 and max(weight.dims) == 2 * min(weight.dims)
+            if source.op_type == "LayerNormalization" and "/norm2/" in source.name:
+                role = "fc1"
+            elif source.op_type == "LayerNormalization" and "/attn/norm/" in source.name:
+                role = "kv"
+            elif source.op_type == "LayerNormalization" and "/norm1/" in source.name:
+                role = "kv" if wide else "q"
+            elif source.op_type == "MatMul" and "/attn/" in source.name:
+                role = "proj"  # fed by the attention product
+            elif "/mlp/act/" in source.name:
+                role = "fc2"  # fed by the GELU
+            name = source.name
+        match = _BLOCK.search(name)
+        roles[node.name] = (int(match.group(1)) if match else None, role or "other")
+    return roles
+
+
+_GROUP_ROLES = {
+    "attention_matmuls": {"attention"},
+    "patch_embed": {"patch_embed"},
+    "classifier": {"classifier"},
+    "spatial_reduction": {"sr", "kv"},
+    "depthwise": {"dwconv"},
+}
 
 
 def float_nodes_for_int8(model: onnx.ModelProto, groups: Iterable[str] = INT8_FLOAT_GROUPS) -> list[str]:
@@ -284,25 +419,19 @@ def float_nodes_for_int8(model: onnx.ModelProto, groups: Iterable[str] = INT8_FL
     - ``patch_embed``: the stem and downsampling convs, whose per-tensor input ranges are the widest (tiny model:
       0.997 -> 0.9999; quantizing every other Conv/MatMul with them float keeps 0.9999);
     - ``classifier``: the head (negligible cost, and it decides the top-1);
-    - ``spatial_reduction``, ``depthwise``: measured, not needed for the thresholds; selectable for experiments.
+    - ``spatial_reduction``, ``depthwise``: measured, not needed for the thresholds; selectable for experiments;
+    - a role of ``int8_node_roles`` (``q``, ``kv``, ``proj``, ``fc1``, ``fc2``), everywhere; ``stage<N>``: every
+      quantizable node of stage N; ``stage<N>/<role>``: one role in one stage.
 
     LayerNorm, Softmax and GELU are never quantized: they are not in ``INT8_OP_TYPES``.
     """
     groups = set(groups)
-    initializers = {init.name for init in model.graph.initializer}
     keep: list[str] = []
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "MatMul", "Gemm"):
-            continue
-        weightless = node.op_type == "MatMul" and not any(name in initializers for name in node.input)
-        if (
-            (weightless and "attention_matmuls" in groups)
-            or ("spatial_reduction" in groups and ("/sr/" in node.name or "/kv/" in node.name))
-            or ("classifier" in groups and "classifier" in node.name)
-            or ("depthwise" in groups and "dwconv" in node.name)
-            or ("patch_embed" in groups and ("patch_embed" in node.name or "downsample" in node.name))
-        ):
-            keep.append(node.name)
+    for name, (stage, role) in int8_node_roles(model).items():
+        wanted = {role, f"stage{stage}", f"stage{stage}/{role}"}
+        wanted |= {group for group, roles in _GROUP_ROLES.items() if role in roles}
+        if wanted & groups:
+            keep.append(name)
     return keep
 
 
@@ -324,13 +453,15 @@ def _calibration_reader(input_name: str, batches: list[np.ndarray]) -> Any:
 
 
 @contextlib.contextmanager
-def _quantizer_input(fp32_path: Path) -> Iterator[tuple[onnx.ModelProto, Path, list[str]]]:
+def _quantizer_input(
+    fp32_path: Path, float_groups: Iterable[str] = INT8_FLOAT_GROUPS
+) -> Iterator[tuple[onnx.ModelProto, Path, list[str]]]:
     """The fp32 graph staged as one self-contained file for onnxruntime's quantizer, and the nodes kept float.
 
     The quantizer logs advice ("consider pre-processing") on the root logger for every graph; it is not actionable
     for our graphs, so the root logger is held at ERROR while it runs instead of printing it to users."""
     model = onnx.load(str(fp32_path))
-    excluded = float_nodes_for_int8(model)
+    excluded = float_nodes_for_int8(model, float_groups)
     root = logging.getLogger()
     level = root.level
     with tempfile.TemporaryDirectory() as tmp:
@@ -343,11 +474,13 @@ def _quantizer_input(fp32_path: Path) -> Iterator[tuple[onnx.ModelProto, Path, l
             root.setLevel(level)
 
 
-def _quantize_static(fp32_path: Path, out_path: Path, batches: list[np.ndarray]) -> dict[str, Any]:
+def _quantize_static(
+    fp32_path: Path, out_path: Path, batches: list[np.ndarray], float_groups: Iterable[str]
+) -> dict[str, Any]:
     """Static QDQ, per-channel int8 weights and uint8 activations (MLAS's U8S8 path), MinMax-calibrated."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    with _quantizer_input(fp32_path) as (model, staged, excluded):
+    with _quantizer_input(fp32_path, float_groups) as (model, staged, excluded):
         input_name = model.graph.input[0].name
         try:
             quantize_static(
@@ -378,11 +511,11 @@ def _quantize_static(fp32_path: Path, out_path: Path, batches: list[np.ndarray])
     }
 
 
-def _quantize_dynamic(fp32_path: Path, out_path: Path) -> dict[str, Any]:
+def _quantize_dynamic(fp32_path: Path, out_path: Path, float_groups: Iterable[str]) -> dict[str, Any]:
     """No calibration set: int8 weights, activations quantized per call (MatMul only; ConvInteger is slow)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quantizer_input(fp32_path) as (_, staged, excluded):
+    with _quantizer_input(fp32_path, float_groups) as (_, staged, excluded):
         try:
             quantize_dynamic(
                 str(staged),
