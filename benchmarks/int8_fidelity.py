@@ -38,8 +38,7 @@ import numpy as np
 import onnx
 from PIL import Image, ImageEnhance, ImageOps
 
-from pvt_deploy.bench.machine import cpu_summary
-from pvt_deploy.bench.measure import load_average
+from pvt_deploy.bench.machine import cpu_summary, load_average
 from pvt_deploy.export.parity import KEEP_CLASS_MARGIN, flip_margin_max, margin_buckets, top1_margins
 from pvt_deploy.export.precision import INT8_FLOAT_GROUPS, float_nodes_for_int8, int8_node_roles, make_variant
 from pvt_deploy.preprocess import is_image_file

@@ -78,7 +78,7 @@ def node_client() -> Path:
 
 @pytest.fixture(scope="module")
 def vectors_dir(tiny_export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pvt_deploy.conformance import write_conformance
+    from pvt_deploy.runtime.conformance import write_conformance
 
     out = tmp_path_factory.mktemp("node-conformance") / "vectors"
     write_conformance(tiny_export_dir, out)

@@ -80,3 +80,11 @@ def cpu_line(machine: dict[str, Any]) -> str:
         + (f" (no {'/'.join(lacking)})" if lacking else "")
         + f"; onnxruntime {machine.get('onnxruntime')}, torch {machine.get('torch')}"
     )
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None

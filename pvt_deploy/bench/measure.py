@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import resource
 import shutil
 import statistics
@@ -140,14 +139,6 @@ def limit_for(engine: str, precision: str, device: str) -> str | None:
 
 LOADED_ABOVE = 1.0
 """A run is marked loaded when other work kept more than this many runnable threads on the machine."""
-
-
-def load_average() -> list[float] | None:
-    """1, 5 and 15 minute load averages (None where the OS has none)."""
-    try:
-        return [round(value, 2) for value in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def load_record(start: list[float] | None, end: list[float] | None, own_threads: int) -> dict[str, object]:

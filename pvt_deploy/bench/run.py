@@ -22,14 +22,13 @@ from typing import Any
 import numpy as np
 
 from pvt_deploy.bench.flops import flops_per_image
-from pvt_deploy.bench.machine import machine_info
+from pvt_deploy.bench.machine import load_average, machine_info
 from pvt_deploy.bench.measure import (
     LIMITS,
     RssSampler,
     gemm_limits,
     gpu_memory_used_mb,
     limit_for,
-    load_average,
     load_record,
     nvidia_smi_query,
     process_peak_rss_mb,

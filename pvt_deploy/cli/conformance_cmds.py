@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from pvt_deploy.conformance import CLIENT_OUTPUT, check_client, format_checks, read_vectors, write_conformance
 from pvt_deploy.errors import VerificationError
+from pvt_deploy.runtime.conformance import CLIENT_OUTPUT, check_client, format_checks, read_vectors, write_conformance
 
 
 @click.command()

@@ -289,8 +289,7 @@ def choose_int8_method(
     import statistics
     import time
 
-    from pvt_deploy.bench.machine import cpu_summary
-    from pvt_deploy.bench.measure import load_average
+    from pvt_deploy.bench.machine import cpu_summary, load_average
     from pvt_deploy.runtime.sessions import create_session
 
     one = np.ascontiguousarray(batches[0][:1], dtype=np.float32)
