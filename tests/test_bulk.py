@@ -46,11 +46,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(shutil.copytree(tiny_export_dir, tmp_path_factory.mktemp("bulk") / "model"))
-
-
-@pytest.fixture(scope="module")
 def runtime(model_dir: Path) -> Runtime:
     return Runtime(model_dir, device="cpu")
 
