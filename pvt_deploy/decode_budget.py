@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import stat
 import threading
 from collections.abc import Iterator
 
 from PIL import Image
 
 from pvt_deploy.errors import ImageError
+from pvt_deploy.preprocess import check_decoded_size
 
 PILLOW_BYTES_PER_PIXEL: dict[str, int] = {
     "1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2,
@@ -32,7 +35,10 @@ SIXTEEN_BIT_WORK_BYTES_PER_PIXEL = 4
 """16-bit gray becomes 8-bit (``preprocess.to_rgb``): a numpy copy of the samples (2) + the 8-bit plane and its
 8-bit image (1 + 1)."""
 
-DEFAULT_DECODE_BUDGET_BYTES = 1024 * 1024 * 1024
+MB = 1024 * 1024
+"""The unit of the ``--max-decode-mb`` options (a mebibyte)."""
+
+DEFAULT_DECODE_BUDGET_BYTES = 1024 * MB
 """1 GiB in flight: one worst-case image (89 Mpixel 16-bit gray: ~0.9 GB at its peak) fits, two do not."""
 
 
@@ -51,14 +57,31 @@ def peak_decoded_bytes(width: int, height: int, mode: str) -> int:
     return stored + extra + RGB_BYTES_PER_PIXEL * pixels
 
 
-def estimate_decoded_bytes(data: bytes | bytearray | memoryview) -> int | None:
-    """``peak_decoded_bytes`` from an encoded image's header, without decoding its pixels; ``None`` when Pillow
-    cannot read a header (the decoder then says why, as for any bad image)."""
+def estimate_decoded_bytes(
+    source: bytes | bytearray | memoryview | str | os.PathLike[str], *, max_pixels: int | None = None
+) -> int | None:
+    """``peak_decoded_bytes`` from an encoded image's header (bytes, or a path to a regular file), without decoding
+    its pixels; ``None`` when Pillow cannot read a header (the decoder then says why, as for any bad image).
+
+    With ``max_pixels`` (the decoder's own pixel limit), an image that limit refuses by its header needs 0 bytes: it
+    is never decoded, and the decoder's refusal ("decompression bomb") is the clearer message."""
     try:
-        with Image.open(io.BytesIO(bytes(data))) as image:
-            return peak_decoded_bytes(image.width, image.height, image.mode)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            opened = Image.open(io.BytesIO(bytes(source)))
+        elif stat.S_ISREG(os.stat(source).st_mode):  # a FIFO or a device is never opened here: it could block
+            opened = Image.open(source)
+        else:
+            return None
+        with opened as image:
+            width, height, mode = image.width, image.height, image.mode
     except Exception:  # noqa: BLE001 - any unreadable header is the decoder's to report, one line per item
         return None
+    if max_pixels is not None:
+        try:
+            check_decoded_size(width, height, mode, max_pixels)
+        except ImageError:
+            return 0
+    return peak_decoded_bytes(width, height, mode)
 
 
 class DecodeBudget:
@@ -69,11 +92,16 @@ class DecodeBudget:
     as it takes, as a bulk job does), and ``ImageError`` at once when ``n`` exceeds the whole budget."""
 
     def __init__(self, limit_bytes: int = DEFAULT_DECODE_BUDGET_BYTES) -> None:
-        if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or limit_bytes < 1:
-            raise ValueError(f"limit_bytes must be a positive integer, got {limit_bytes!r}")
-        self.limit_bytes = limit_bytes
+        self.limit_bytes = _checked_limit(limit_bytes)
         self._in_use = 0
         self._changed = threading.Condition()
+
+    def set_limit(self, limit_bytes: int) -> None:
+        """Change the bound (a job's ``--max-decode-mb`` on the process budget); waiting decodes re-check it."""
+        limit_bytes = _checked_limit(limit_bytes)
+        with self._changed:
+            self.limit_bytes = limit_bytes
+            self._changed.notify_all()
 
     @property
     def in_use(self) -> int:
@@ -81,18 +109,25 @@ class DecodeBudget:
         with self._changed:
             return self._in_use
 
-    @contextlib.contextmanager
-    def reserve(self, nbytes: int, *, timeout: float | None) -> Iterator[None]:
-        nbytes = max(int(nbytes), 0)
+    def check_fits(self, nbytes: int) -> None:
+        """``ImageError`` when ``nbytes`` exceed the whole budget: such an image can never be decoded here."""
         if nbytes > self.limit_bytes:
             raise ImageError(
                 f"decoding needs about {_mb(nbytes)} MB, over the decoded-memory limit of {_mb(self.limit_bytes)} MB"
             )
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int, *, timeout: float | None) -> Iterator[None]:
+        nbytes = max(int(nbytes), 0)
+        self.check_fits(nbytes)
         with self._changed:
-            if not self._changed.wait_for(lambda: self._in_use + nbytes <= self.limit_bytes, timeout=timeout):
+            # a limit lowered meanwhile (``set_limit``) below ``nbytes`` ends the wait too, and refuses it
+            fits = lambda: nbytes > self.limit_bytes or self._in_use + nbytes <= self.limit_bytes  # noqa: E731
+            if not self._changed.wait_for(fits, timeout=timeout):
                 raise DecodeBusy(
                     f"decoded-memory budget full ({_mb(self._in_use)} of {_mb(self.limit_bytes)} MB in use)"
                 )
+            self.check_fits(nbytes)
             self._in_use += nbytes
         try:
             yield
@@ -116,12 +151,19 @@ def process_decode_budget() -> DecodeBudget:
         return _PROCESS_BUDGET
 
 
+def _checked_limit(limit_bytes: int) -> int:
+    if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or limit_bytes < 1:
+        raise ValueError(f"limit_bytes must be a positive integer, got {limit_bytes!r}")
+    return limit_bytes
+
+
 def _mb(nbytes: int) -> int:
-    return round(nbytes / (1024 * 1024))
+    return round(nbytes / MB)
 
 
 __all__ = [
     "DEFAULT_DECODE_BUDGET_BYTES",
+    "MB",
     "DecodeBudget",
     "DecodeBusy",
     "estimate_decoded_bytes",

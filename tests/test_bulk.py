@@ -46,11 +46,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(shutil.copytree(tiny_export_dir, tmp_path_factory.mktemp("bulk") / "model"))
-
-
-@pytest.fixture(scope="module")
 def runtime(model_dir: Path) -> Runtime:
     return Runtime(model_dir, device="cpu")
 
@@ -571,3 +566,142 @@ def test_parquet_without_the_bulk_extra_fails_before_any_work(
     assert result.exit_code == 11
     assert "pip install 'pvt-deploy[bulk]' (from a source checkout: pip install -e '.[bulk]')" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no OUT.partial holding work it cannot finish
+
+
+# --- decoded-memory budget ------------------------------------------------------------------------------------------
+
+
+def _process_budget(monkeypatch: pytest.MonkeyPatch, limit_bytes: int) -> Any:
+    """A fresh process-wide ``DecodeBudget`` of ``limit_bytes`` for this test only (the CLI's ``--max-decode-mb``
+    changes the process's one, so it must not outlive the test)."""
+    from pvt_deploy import decode_budget
+
+    budget = decode_budget.DecodeBudget(limit_bytes)
+    monkeypatch.setattr(decode_budget, "_PROCESS_BUDGET", budget)
+    return budget
+
+
+def _wide_gray_png(path: Path, side: int = 1000) -> Path:
+    """A small file that decodes big: a flat 8-bit gray square (its RGB copy is 4 bytes a pixel)."""
+    from PIL import Image
+
+    Image.new("L", (side, side), 90).save(path)
+    return path
+
+
+def test_a_job_image_over_the_decode_budget_is_its_error_row(
+    runtime: Runtime, photo_paths: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pvt_deploy.decode_budget import estimate_decoded_bytes
+
+    wide = _wide_gray_png(tmp_path / "wide.png")
+    needs = [estimate_decoded_bytes(p) or 0 for p in photo_paths]
+    budget = _process_budget(monkeypatch, max(needs))  # every photo fits alone, the wide image does not
+    assert (estimate_decoded_bytes(wide) or 0) > budget.limit_bytes
+    inputs = [str(photo_paths[0]), str(wide), *map(str, photo_paths[1:])]
+    for task in ("predict", "embed"):
+        out = tmp_path / f"{task}.jsonl"
+        spec = JobSpec(task, top_k=2 if task == "predict" else 0)
+        result = run_job(runtime, JobPlan(spec, inputs, out, chunk_size=3))
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [row["status"] for row in rows] == ["ok", "error"] + ["ok"] * 5
+        assert rows[1]["error"].startswith(f"{wide}: decoding needs about 5 MB, over the decoded-memory limit")
+        assert [row["path"] for row in result.failed] == [str(wide)]
+        assert budget.in_use == 0
+    stored = np.array([row["embedding"] for row in rows if row["embedding"]], np.float32)
+    np.testing.assert_array_equal(stored, runtime.embed(photo_paths))
+
+
+def test_job_decodes_hold_their_estimate_of_the_budget(
+    runtime: Runtime, photo_paths: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the runtime decodes a job's image, that image's header estimate is reserved from the process budget,
+    and nothing else is: the reservation spans the decode, whichever decoder the runtime uses."""
+    from pvt_deploy import preprocess
+    from pvt_deploy.decode_budget import estimate_decoded_bytes
+
+    budget = _process_budget(monkeypatch, 64 * 1024 * 1024)
+    held: dict[str, int] = {}
+    load_image = preprocess.load_image
+
+    def recording(source: Any, **options: Any) -> Any:
+        held[str(source)] = budget.in_use
+        return load_image(source, **options)
+
+    monkeypatch.setattr(preprocess, "load_image", recording)
+    inputs = [str(p) for p in photo_paths]
+    run_job(runtime, JobPlan(JobSpec("embed"), inputs, tmp_path / "e.jsonl", chunk_size=4))
+    assert held == {path: estimate_decoded_bytes(path) for path in inputs}
+    assert all(held.values()) and budget.in_use == 0
+
+
+def test_ray_decode_tasks_decode_within_the_drivers_budget(
+    runtime: Runtime, photo_paths: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Ray engine's decode task (called here in-process, without Ray): the driver's limit, reservations around
+    each decode, and an image over the budget as its error while the others decode."""
+    from pvt_deploy import preprocess
+    from pvt_deploy.decode_budget import estimate_decoded_bytes
+    from pvt_deploy.jobs.ray_engine import _decode_batch
+
+    budget = _process_budget(monkeypatch, 64 * 1024 * 1024)
+    held: list[int] = []
+    load_image = preprocess.load_image
+
+    def recording(source: Any, **options: Any) -> Any:
+        held.append(budget.in_use)
+        return load_image(source, **options)
+
+    monkeypatch.setattr(preprocess, "load_image", recording)
+    wide = _wide_gray_png(tmp_path / "wide.png")
+    paths = [str(photo_paths[0]), str(wide), str(photo_paths[1])]
+    limit = max(estimate_decoded_bytes(p) or 0 for p in photo_paths[:2])
+    batch = {"index": np.arange(3), "path": np.array(paths)}
+    decoded = _decode_batch(batch, runtime.spec, decode_limit_bytes=limit)
+    assert budget.limit_bytes == limit
+    assert decoded["error"][0] == "" and decoded["error"][2] == ""
+    assert "over the decoded-memory limit" in decoded["error"][1]
+    assert held == [estimate_decoded_bytes(paths[0]), estimate_decoded_bytes(paths[2])] and budget.in_use == 0
+    np.testing.assert_array_equal(decoded["row"][[0, 2]], runtime.preprocess(photo_paths[:2]))
+
+
+def test_max_decode_mb_bounds_a_cli_job(
+    model_dir: Path, photo_paths: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pvt_deploy.decode_budget import DEFAULT_DECODE_BUDGET_BYTES, MB, process_decode_budget
+
+    _process_budget(monkeypatch, DEFAULT_DECODE_BUDGET_BYTES)
+    wide = _wide_gray_png(tmp_path / "wide.png")
+    result = invoke("predict", model_dir, photo_paths[0], wide, "--device", "cpu", "--json", "--max-decode-mb", 2)
+    assert result.exit_code == 4, result.stderr
+    assert f"Error: {wide}: decoding needs about 5 MB, over the decoded-memory limit of 2 MB" in result.stderr
+    records = json.loads(result.stdout)
+    assert ["predictions" in record for record in records] == [True, False] and "error" in records[1]
+    assert process_decode_budget().limit_bytes == 2 * MB
+    assert invoke("predict", model_dir, photo_paths[0], wide, "--device", "cpu", "--json").exit_code == 0
+    assert process_decode_budget().limit_bytes == DEFAULT_DECODE_BUDGET_BYTES
+
+
+def test_a_lowered_limit_refuses_a_waiting_reservation() -> None:
+    """``set_limit`` (each job's ``--max-decode-mb``) below what a decode waits for refuses it, rather than leaving
+    it waiting for room that can never come; whether it was waiting already or arrives later."""
+    from pvt_deploy.decode_budget import DecodeBudget
+    from pvt_deploy.errors import ImageError
+
+    budget = DecodeBudget(100)
+    outcome: list[str] = []
+
+    def wait_for_room() -> None:
+        try:
+            with budget.reserve(60, timeout=None):
+                outcome.append("reserved")
+        except ImageError as exc:
+            outcome.append(str(exc))
+
+    with budget.reserve(50, timeout=0):
+        waiter = threading.Thread(target=wait_for_room, daemon=True)
+        waiter.start()
+        budget.set_limit(50)
+    waiter.join(timeout=60)
+    assert not waiter.is_alive() and len(outcome) == 1 and "over the decoded-memory limit" in outcome[0]
+    assert budget.in_use == 0

@@ -17,11 +17,6 @@ from tests.test_runtime import EXPECTED_REASON, bad_corpus
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(shutil.copytree(tiny_export_dir, tmp_path_factory.mktemp("cli") / "model"))
-
-
-@pytest.fixture(scope="module")
 def runtime(model_dir: Path) -> Runtime:
     return Runtime(model_dir, device="cpu")
 

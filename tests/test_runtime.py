@@ -26,12 +26,6 @@ from pvt_deploy.runtime.config import RuntimeConfig
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy, for tests that change files in it (the shared fixture is read-only)."""
-    return Path(shutil.copytree(tiny_export_dir, tmp_path_factory.mktemp("rt") / "model"))
-
-
-@pytest.fixture(scope="module")
 def runtime(model_dir: Path) -> Runtime:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +11,6 @@ import pytest
 from pvt_deploy import Runtime
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(shutil.copytree(tiny_export_dir, tmp_path_factory.mktemp("gpu") / "model"))
 
 
 @pytest.fixture(scope="module")

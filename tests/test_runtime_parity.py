@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +13,6 @@ from pvt_deploy.export.parity import PARITY_THRESHOLDS
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 FP32 = PARITY_THRESHOLDS["fp32"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(shutil.copytree(tiny_export_dir, tmp_path_factory.mktemp("parity") / "model"))
 
 
 @pytest.fixture(scope="module")

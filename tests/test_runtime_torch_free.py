@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -56,11 +55,6 @@ np.savez(out, **arrays)
 print(json.dumps({"predict": runtime.predict(photos, top_k=3),
                   "loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnx", "torchvision"))}))
 """
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(shutil.copytree(tiny_export_dir, tmp_path_factory.mktemp("torchfree") / "model"))
 
 
 @pytest.fixture(scope="module")

@@ -100,11 +100,6 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(shutil.copytree(tiny_export_dir, tmp_path_factory.mktemp("serve") / "model"))
-
-
-@pytest.fixture(scope="module")
 def runtime(model_dir: Path) -> Runtime:
     return Runtime(model_dir, device="cpu")
 

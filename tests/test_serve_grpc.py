@@ -57,11 +57,6 @@ def status_of(call: object) -> grpc.StatusCode:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(shutil.copytree(tiny_export_dir, tmp_path_factory.mktemp("grpc") / "model"))
-
-
-@pytest.fixture(scope="module")
 def runtime(model_dir: Path) -> Runtime:
     return Runtime(model_dir, device="cpu")
 

@@ -3,7 +3,6 @@ uvicorn server."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +26,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(shutil.copytree(tiny_export_dir, tmp_path_factory.mktemp("ray") / "model"))
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from typing import Any
 import click
 import numpy as np
 
+from pvt_deploy.decode_budget import DEFAULT_DECODE_BUDGET_BYTES, MB, process_decode_budget
 from pvt_deploy.errors import ImageError, OutputError, UsageError
 from pvt_deploy.files import atomic_write_bytes
 from pvt_deploy.jobs import (
@@ -103,6 +104,13 @@ def _job_options(func: Any) -> Any:
             default=None,
             help="With --engine ray: Runtime actors [one per CPU].",
         ),  # fmt: skip
+        click.option(
+            "--max-decode-mb",
+            type=click.FloatRange(min=1),
+            default=DEFAULT_DECODE_BUDGET_BYTES / MB,
+            show_default=True,
+            help="Decoded image memory in flight per process; decodes wait for room, a larger image is an error row.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -111,7 +119,13 @@ def _job_options(func: Any) -> Any:
 
 def _pop_job_options(options: dict[str, Any]) -> dict[str, Any]:
     """Split ``_job_options``' values from the runtime options click passed in the same ``**options``."""
-    return {key: options.pop(key) for key in ("resume", "overwrite", "chunk_size", "engine", "address", "actors")}
+    keys = ("resume", "overwrite", "chunk_size", "engine", "address", "actors", "max_decode_mb")
+    return {key: options.pop(key) for key in keys}
+
+
+def _limit_decoded_memory(job: dict[str, Any]) -> None:
+    """``--max-decode-mb`` bounds this process's decoded-memory budget (and the Ray decode tasks', which take it)."""
+    process_decode_budget().set_limit(int(job["max_decode_mb"] * MB))
 
 
 @contextlib.contextmanager
@@ -239,6 +253,7 @@ def predict(model_dir: Path, images: tuple[str, ...], top_k: int, as_json: bool,
     """Top-k labels for each IMAGE (files, folders, globs, --from-list), in order. Without --out, answers print
     as each chunk finishes; bad images are named on stderr (exit 4) and the rest are still answered."""
     job = _pop_job_options(options)
+    _limit_decoded_memory(job)
     with _warnings_as_lines():
         inputs = collect_inputs(images, from_list)
         runtime = _open_runtime(model_dir, options)
@@ -298,6 +313,7 @@ def embed(model_dir: Path, paths: tuple[str, ...], out: Path, normalize: bool, t
     """Embeddings of files, folders (recursively), globs and --from-list paths into OUT, written part by part;
     every input is a row, failed ones with their error. Interrupted runs continue with --resume."""
     job = _pop_job_options(options)
+    _limit_decoded_memory(job)
     with _warnings_as_lines():
         inputs = collect_inputs(paths, from_list)
         runtime = _open_runtime(model_dir, options)
@@ -320,6 +336,7 @@ def features(model_dir: Path, images: tuple[str, ...], out: Path, from_list: tup
     """stage1..stage4 feature maps (float32, NCHW with N=1 per image): one IMAGE into OUT.npz, or many into a
     folder, written part by part and resumable."""
     job = _pop_job_options(options)
+    _limit_decoded_memory(job)
     with _warnings_as_lines():
         inputs = collect_inputs(images, from_list)
         runtime = _open_runtime(model_dir, options)

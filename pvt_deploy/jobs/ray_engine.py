@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from pvt_deploy.decode_budget import process_decode_budget
 from pvt_deploy.errors import ImageError
 from pvt_deploy.jobs.engine import ComputedPart, JobEvents, JobPlan
 from pvt_deploy.jobs.store import Part
-from pvt_deploy.jobs.tasks import Decoded, JobSpec, compute_part
+from pvt_deploy.jobs.tasks import Decoded, JobSpec, compute_part, decode_within_budget
 from pvt_deploy.preprocess import Preprocessor
 from pvt_deploy.runtime import Runtime
 from pvt_deploy.runtime.config import RuntimeConfig
@@ -32,12 +33,14 @@ ACTOR_CPUS = 0.75
 """Per decode task and per Runtime actor: an actor per CPU still leaves room for decode tasks beside it."""
 
 
-def _decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor) -> dict[str, Any]:
-    """A Ray task: paths -> model rows (zeros where decoding failed) plus the failure messages."""
+def _decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor, decode_limit_bytes: int) -> dict[str, Any]:
+    """A Ray task: paths -> model rows (zeros where decoding failed) plus the failure messages. Each decode holds
+    its bytes of the worker process's decoded-memory budget (the driver's limit), like the local engine's."""
+    process_decode_budget().set_limit(decode_limit_bytes)
     rows, errors = [], []
     for path in batch["path"]:
         try:
-            rows.append(preprocessor(str(path)))
+            rows.append(decode_within_budget(str(path), preprocessor, preprocessor.max_pixels))
             errors.append("")
         except ImageError as exc:
             rows.append(np.zeros((3, *preprocessor.size), np.float32))
@@ -156,7 +159,10 @@ class RayEngine:
         # Different CPU shares keep Ray from fusing the decode tasks into the actors: decoding stays in tasks that
         # any free CPU can run, while each actor holds its Runtime (and a session) for the whole job.
         dataset = dataset.map_batches(
-            _decode_batch, fn_kwargs={"preprocessor": runtime.spec}, batch_size=chunk_size, num_cpus=DECODE_CPUS
+            _decode_batch,
+            fn_kwargs={"preprocessor": runtime.spec, "decode_limit_bytes": process_decode_budget().limit_bytes},
+            batch_size=chunk_size,
+            num_cpus=DECODE_CPUS,
         )
         constructor = {
             "model_dir": str(runtime.model_dir.resolve()),

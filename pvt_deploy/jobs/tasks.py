@@ -6,20 +6,25 @@ preprocessed (``Decoded``), so both produce the same rows, the same embeddings a
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from pvt_deploy.decode_budget import DecodeBudget, estimate_decoded_bytes, process_decode_budget
+from pvt_deploy.errors import ImageError
 from pvt_deploy.files import atomic_write_bytes
 from pvt_deploy.jobs.store import Part
 from pvt_deploy.runtime import BatchResult, ItemError, Runtime
 from pvt_deploy.runtime.operations import l2_normalize, top_k
 
 TASKS = ("predict", "embed", "features")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,25 @@ def model_identity(runtime: Runtime, spec: JobSpec) -> dict[str, Any]:
     }
 
 
-def _with_progress(items: Sequence[Any], advance: Callable[[int], None] | None) -> Iterator[Any]:
-    """Yield the items, reporting each one as the runtime pulls it (it consumes lazily, micro-batch by micro-batch),
-    so a progress bar moves per image rather than per chunk."""
-    for item in items:
-        yield item
+def decode_within_budget(path: str, decode: Callable[[str], T], max_pixels: int | None) -> T:
+    """``decode(path)`` holding the image's estimated decoded bytes of the process's ``DecodeBudget``: it waits
+    while other decodes hold the budget, and an image that alone needs more than the whole budget is an
+    ``ImageError`` (that input's error row). The Ray engine's decode tasks decode through this."""
+    need = estimate_decoded_bytes(path, max_pixels=max_pixels) or 0
+    with process_decode_budget().reserve(need, timeout=None):
+        return decode(path)
+
+
+def _within_budget(
+    items: Sequence[Any], needs: Sequence[int], budget: DecodeBudget, advance: Callable[[int], None] | None
+) -> Iterator[Any]:
+    """Yield the items as the runtime pulls them, each holding its decoded bytes of ``budget`` until the next pull:
+    the runtime decodes an input right after pulling it and before pulling the next (it consumes lazily, micro-batch
+    by micro-batch), so the reservation spans that input's decode. Reports each input as pulled, so a progress bar
+    moves per image rather than per chunk."""
+    for item, need in zip(items, needs, strict=True):
+        with budget.reserve(need, timeout=None):
+            yield item
         if advance is not None:
             advance(1)
 
@@ -83,34 +102,49 @@ def compute_part(
 ) -> tuple[Part, np.ndarray | None]:
     """Rows for inputs ``start .. start + len(items)``: every input is a row, failed ones with their error."""
     paths = [item.path if isinstance(item, Decoded) else item for item in items]
-    decode_failed = {i for i, item in enumerate(items) if isinstance(item, Decoded) and item.row is None}
-    runnable = [i for i in range(len(items)) if i not in decode_failed]
+    budget = process_decode_budget()
+    # decoded rows need no budget; a path needs its header's estimate, held while the runtime decodes it
+    needs = [
+        0 if isinstance(item, Decoded) else estimate_decoded_bytes(item, max_pixels=runtime.spec.max_pixels) or 0
+        for item in items
+    ]
+    refused: dict[int, str] = {}  # inputs that never reach the runtime: decode failures, images over the budget
+    for i, item in enumerate(items):
+        if isinstance(item, Decoded):
+            if item.row is None:
+                refused[i] = str(item.error)
+            continue
+        try:
+            budget.check_fits(needs[i])
+        except ImageError as exc:
+            refused[i] = str(exc)
+    runnable = [i for i in range(len(items)) if i not in refused]
     inputs = [items[i].row if isinstance(items[i], Decoded) else items[i] for i in runnable]
-    if advance is not None and decode_failed:
-        advance(len(decode_failed))
-    feed = _with_progress(inputs, advance)
-
+    if advance is not None and refused:
+        advance(len(refused))
     labels: list[list[tuple[str, float]]] | None = None
     embeddings: np.ndarray | None = None
     maps: dict[str, np.ndarray] | None = None
-    if spec.task == "predict" or (spec.task == "embed" and spec.top_k):
-        result: BatchResult[Any] = runtime.classify(feed, return_embedding=spec.task == "embed", on_error="collect")
-        probabilities = result.value[0] if spec.task == "embed" else result.value
-        labels = top_k(probabilities, runtime.labels, spec.top_k)
-        if spec.task == "embed":
-            embeddings = result.value[1]
-    elif spec.task == "embed":
-        result = runtime.embed(feed, on_error="collect")
-        embeddings = result.value
-    else:
-        result = runtime.features(feed, on_error="collect")
-        maps = result.value
+    # closing: the last input's reservation is given back even when the runtime stops pulling early
+    with contextlib.closing(_within_budget(inputs, [needs[i] for i in runnable], budget, advance)) as feed:
+        if spec.task == "predict" or (spec.task == "embed" and spec.top_k):
+            result: BatchResult[Any] = runtime.classify(feed, return_embedding=spec.task == "embed", on_error="collect")
+            probabilities = result.value[0] if spec.task == "embed" else result.value
+            labels = top_k(probabilities, runtime.labels, spec.top_k)
+            if spec.task == "embed":
+                embeddings = result.value[1]
+        elif spec.task == "embed":
+            result = runtime.embed(feed, on_error="collect")
+            embeddings = result.value
+        else:
+            result = runtime.features(feed, on_error="collect")
+            maps = result.value
     if embeddings is not None and spec.normalize:
         embeddings = l2_normalize(embeddings)
 
     errors = {runnable[error.index]: str(error) for error in result.errors}
-    for i in decode_failed:
-        errors[i] = str(ItemError(i, paths[i], items[i].error))  # type: ignore[union-attr]
+    for i, reason in refused.items():
+        errors[i] = str(ItemError(i, paths[i], reason))
     rows: list[dict[str, Any]] = []
     full = np.full((len(items), embeddings.shape[1]), np.nan, np.float32) if embeddings is not None else None
     slots = {position: slot for slot, position in enumerate(runnable)}
