@@ -8,14 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pvt_deploy.decode_budget import DEFAULT_DECODE_BUDGET_BYTES
+from pvt_deploy.decode_budget import DEFAULT_DECODE_BUDGET_BYTES, MB
 from pvt_deploy.errors import ServeError
 from pvt_deploy.runtime.config import RuntimeConfig
 
 if TYPE_CHECKING:
     from pvt_deploy.runtime import Runtime
-
-MB = 1024 * 1024
 
 
 @dataclass(frozen=True)
