@@ -25,7 +25,13 @@ from tritonclient.utils import InferenceServerException
 
 from pvt_deploy import Runtime
 from pvt_deploy.serve.batching import DynamicBatcher
-from pvt_deploy.serve.instances import PooledBatcher, batcher_for, default_instances
+from pvt_deploy.serve.instances import (
+    SERVE_THREADS_PER_INSTANCE,
+    PooledBatcher,
+    batcher_for,
+    default_instances,
+    serve_threads,
+)
 from tests.test_serve import MODEL_NAME, Server, start_server, torch_free_env
 
 EXACT_ATOL = 1e-6  # the issue's bound: the same tensor through the same session, batched or not
@@ -260,6 +266,15 @@ def test_stubs_load_beside_tritonclient() -> None:
 
 
 # ----- instances ----------------------------------------------------------------------------------------------------
+
+
+def test_serve_defaults_to_one_single_threaded_instance_per_cpu() -> None:
+    """Neither --threads nor --instances: 1 thread per session, so default_instances gives one per CPU (the faster
+    layout measured on b2); either option given keeps the user's choice."""
+    assert serve_threads(None, None) == SERVE_THREADS_PER_INSTANCE == 1
+    assert default_instances(2, serve_threads(None, None)) == 2
+    assert serve_threads(2, None) == 2
+    assert serve_threads(None, 3) is None
 
 
 def test_default_instances_follow_cpus_and_threads() -> None:

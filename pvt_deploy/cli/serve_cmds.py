@@ -90,6 +90,10 @@ def serve(
         raise click.UsageError("--grpc-port must differ from --port")
     if use_ray and instances is not None:
         raise click.UsageError("--instances is for one uvicorn process; with --ray use --replicas")
+    if not use_ray:
+        from pvt_deploy.serve.instances import serve_threads
+
+        threads = serve_threads(threads, instances)  # neither given: one single-threaded instance per CPU
     try:
         runtime = RuntimeConfig(
             device=device,
