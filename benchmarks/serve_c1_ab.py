@@ -13,39 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from pvt_deploy import Runtime
-from pvt_deploy.bench.machine import cpu_summary
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import ServerProcess  # noqa: E402
+
+from pvt_deploy import Runtime  # noqa: E402
+from pvt_deploy.bench.machine import cpu_summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "tests" / "data" / "photos" / "chelsea.png"
-
-
-def start_server(model_dir: Path, threads: int, options: list[str]) -> tuple[subprocess.Popen[str], httpx.Client]:
-    command = [sys.executable, "-m", "pvt_deploy", "serve", str(model_dir), "--port", "0", "--device", "cpu"]
-    process = subprocess.Popen(
-        [*command, "--threads", str(threads), *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    assert process.stderr is not None
-    url = None
-    for line in process.stderr:
-        match = re.search(r"running on (http://127\.0\.0\.1:\d+)", line)
-        if match:
-            url = match.group(1)
-            break
-    if url is None:
-        raise SystemExit(f"the server with {options} did not start")
-    threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()  # type: ignore[union-attr]
-    return process, httpx.Client(base_url=url, timeout=120)
 
 
 def main() -> None:
@@ -56,17 +38,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_c1_ab.json")
     args = parser.parse_args()
     image = PHOTO.read_bytes()
+    common = ["--device", "cpu", "--threads", str(args.threads)]
     servers = {
-        "serve_default": start_server(args.model_dir, args.threads, []),
-        "serve_max_batch_1": start_server(args.model_dir, args.threads, ["--max-batch", "1", "--max-wait-ms", "0"]),
+        "serve_default": ServerProcess(args.model_dir, common),
+        "serve_max_batch_1": ServerProcess(args.model_dir, [*common, "--max-batch", "1", "--max-wait-ms", "0"]),
     }
+    clients = {name: httpx.Client(base_url=server.url, timeout=120) for name, server in servers.items()}
     runtime = Runtime(args.model_dir, device="cpu", threads=args.threads)
 
     def call(name: str) -> None:
         if name == "in_process":
             runtime.classify(image)
             return
-        response = servers[name][1].post("/v1/classify", content=image, headers={"content-type": "image/*"})
+        response = clients[name].post("/v1/classify", content=image, headers={"content-type": "image/*"})
         response.raise_for_status()
 
     callers = ["in_process", *servers]
@@ -81,10 +65,9 @@ def main() -> None:
             call(name)
             latencies[name].append(time.perf_counter() - started)
     load_end = os.getloadavg()
-    for process, client in servers.values():
-        client.close()
-        process.terminate()
-        process.wait(timeout=60)
+    for name, server in servers.items():
+        clients[name].close()
+        server.stop()
     p50 = {name: round(statistics.median(values) * 1000, 1) for name, values in latencies.items()}
     result = {
         "model_dir": str(args.model_dir),

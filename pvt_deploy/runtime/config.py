@@ -52,8 +52,8 @@ class RuntimeConfig:
         _check_positive("batch_size", self.batch_size)
         _check_positive("max_image_bytes", self.max_image_bytes)
         _check_positive("max_pixels", self.max_pixels)
-        if self.threads is not None and self.threads > max_threads():
-            limit = max_threads()
+        limit = max_threads()
+        if self.threads is not None and self.threads > limit:
             raise ValueError(f"threads must be <= {limit} (4x the {cpu_count()} CPUs present), got {self.threads}")
         if self.providers is not None and not isinstance(self.providers, tuple):
             object.__setattr__(self, "providers", tuple(self.providers))
