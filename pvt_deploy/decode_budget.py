@@ -21,14 +21,7 @@ from collections.abc import Iterator
 from PIL import Image
 
 from pvt_deploy.errors import ImageError
-from pvt_deploy.preprocess import check_decoded_size
-
-PILLOW_BYTES_PER_PIXEL: dict[str, int] = {
-    "1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2,
-    "LA": 4, "La": 4, "PA": 4, "RGB": 4, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "YCbCr": 4, "LAB": 4, "HSV": 4,
-    "I": 4, "F": 4,
-}  # fmt: skip
-"""Bytes per pixel of Pillow's in-memory image by mode (3-channel modes are stored in 4 bytes; unknown modes: 4)."""
+from pvt_deploy.preprocess import check_decoded_size, stored_bytes_per_pixel
 
 RGB_BYTES_PER_PIXEL = 4
 SIXTEEN_BIT_WORK_BYTES_PER_PIXEL = 4
@@ -50,10 +43,11 @@ def peak_decoded_bytes(width: int, height: int, mode: str) -> int:
     """Peak bytes of decoding one image of this header and turning it into 8-bit RGB (``preprocess.to_rgb``): the
     decoded image, plus the working copies of the 16-bit conversion, plus the RGB copy unless it is RGB already."""
     pixels = max(int(width), 0) * max(int(height), 0)
-    stored = PILLOW_BYTES_PER_PIXEL.get(mode, 4) * pixels
+    per_pixel = stored_bytes_per_pixel(mode)
+    stored = per_pixel * pixels
     if mode == "RGB":
         return stored
-    extra = SIXTEEN_BIT_WORK_BYTES_PER_PIXEL * pixels if PILLOW_BYTES_PER_PIXEL.get(mode) == 2 else 0
+    extra = SIXTEEN_BIT_WORK_BYTES_PER_PIXEL * pixels if per_pixel == 2 else 0
     return stored + extra + RGB_BYTES_PER_PIXEL * pixels
 
 

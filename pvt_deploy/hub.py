@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import IO
 
 from pvt_deploy.errors import CheckpointError, DownloadError
-from pvt_deploy.files import atomic_write
-from pvt_deploy.files import sha256_file as sha256_of
+from pvt_deploy.files import atomic_write, sha256_file
 from pvt_deploy.staging import clean_stale_staging, describe_removed, staging_path
 
 CACHE_ENV = "PVT_DEPLOY_CACHE"
@@ -387,7 +386,7 @@ def download(
     folder = _resolve_cache_dir(cache_dir)
     final = folder / weights.filename
     if final.is_file():
-        if sha256_of(final) == weights.sha256:
+        if sha256_file(final) == weights.sha256:
             return final
         if progress:
             sys.stderr.write(f"{final}: cached file fails its sha256 check; downloading it again\n")

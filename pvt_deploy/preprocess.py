@@ -116,15 +116,21 @@ _STORED_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L
 YCbCr...) takes 4."""
 
 
+def stored_bytes_per_pixel(mode: str) -> int:
+    """Bytes per pixel of Pillow's in-memory image of ``mode`` (1, 2 for 16-bit gray, else 4)."""
+    return _STORED_BYTES_PER_PIXEL.get(mode, 4)
+
+
 def decoded_bytes(width: int, height: int, mode: str) -> int:
     """Memory one decoded image of this size and Pillow mode takes (the decoder's own buffer)."""
-    return width * height * _STORED_BYTES_PER_PIXEL.get(mode, 4)
+    return width * height * stored_bytes_per_pixel(mode)
 
 
 def check_decoded_size(width: int, height: int, mode: str, max_pixels: int | None, name: str = "image") -> int:
     """Refuse an image by its header, before it is decoded: no pixels, more than ``max_pixels`` pixels, or more
-    decoded bytes than ``max_pixels * DECODED_BYTES_PER_PIXEL_LIMIT``. Returns the decoded bytes (what a
-    cross-request memory budget reserves). The one per-image size rule of the Python and image-graph paths."""
+    decoded bytes than ``max_pixels * DECODED_BYTES_PER_PIXEL_LIMIT``. Returns the decoded bytes (the decoder's
+    own buffer; a memory budget reserves the larger ``decode_budget.peak_decoded_bytes``). The one
+    per-image size rule of the Python and image-graph paths."""
     if width <= 0 or height <= 0:
         raise ImageError(f"{name}: empty image ({width}x{height} pixels)")
     size = decoded_bytes(width, height, mode)

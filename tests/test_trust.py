@@ -22,7 +22,8 @@ from PIL import Image
 from pvt_deploy import Runtime
 from pvt_deploy.cli import cli
 from pvt_deploy.errors import ImageError, InferenceError, ModelDirError
-from pvt_deploy.format.manifest import MANIFEST_NAME, sha256_file
+from pvt_deploy.files import sha256_file
+from pvt_deploy.format.manifest import MANIFEST_NAME
 
 onnx = pytest.importorskip("onnx")
 

@@ -88,15 +88,12 @@ class Runtime:
             )
         providers = self.config.providers
         self._providers = normalize_providers(providers) if providers is not None else requested_providers(self.device)
-        self._custom_providers = providers is not None
         self.spec = Preprocessor.from_input_spec(
             self.manifest.input,
             apply_exif=self.manifest.input.resize.apply_exif or self.config.exif_transpose,
             max_file_bytes=self.config.max_image_bytes,
             max_pixels=self.config.max_pixels,
         )
-        self.exif_transpose = self.spec.apply_exif
-        self.preprocess_mode = self.config.preprocess
         self._image_pixels = ImagePixels(self.spec) if self.preprocess_mode == "graph" else None
         if self._image_pixels is not None:
             if precision != "fp32":
@@ -120,6 +117,16 @@ class Runtime:
     @property
     def threads(self) -> int | None:
         return self.config.threads
+
+    @property
+    def exif_transpose(self) -> bool:
+        """Whether images are turned per their EXIF Orientation: asked for, or required by the manifest."""
+        return self.spec.apply_exif
+
+    @property
+    def preprocess_mode(self) -> str:
+        """``python`` (tensor graphs) or ``graph`` (image-input graphs)."""
+        return self.config.preprocess
 
     @property
     def precisions(self) -> list[str]:
@@ -370,7 +377,7 @@ class Runtime:
         session = GraphSession(raw, entry.output_names, path.name)
         gpu_asked = provider_name(self._providers[0]) in GPU_PROVIDERS
         if gpu_asked and not session.on_cuda:
-            if self._custom_providers:
+            if self.config.providers is not None:
                 raise DeviceError(f"onnxruntime could not start {provider_name(self._providers[0])}")
             if self.device == "cuda":
                 raise DeviceError("device 'cuda' requested but onnxruntime could not start its CUDA provider")
