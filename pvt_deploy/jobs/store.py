@@ -130,7 +130,6 @@ class JobStore:
         atomic_write_json(self.work / PLAN_NAME, plan)
 
     def has_plan(self) -> bool:
-        check_work_folder(self.work)
         return (self.work / PLAN_NAME).is_file()
 
     def plan(self) -> dict[str, Any]:
