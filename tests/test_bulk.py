@@ -494,12 +494,15 @@ def test_from_list_that_is_not_text_is_one_usage_error(model_dir: Path, tmp_path
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
     long_line = tmp_path / "long.txt"
     long_line.write_text("x" * 100_000 + "\n")
+    long_multibyte = tmp_path / "long-utf8.txt"  # the first 4097 bytes end on a character: they decode whole
+    long_multibyte.write_text("x" + "\u00e9" * 3000 + "\n", encoding="utf-8")
     not_utf8 = tmp_path / "latin1.txt"
     not_utf8.write_bytes("caf\xe9.jpg\n".encode("latin-1"))
     cases = [
         ("/dev/zero", "line 1 holds a NUL byte"),
         (binary, "line 1 is not UTF-8 text"),
         (long_line, "line 1 is longer than 4096 bytes"),
+        (long_multibyte, "line 1 is longer than 4096 bytes"),
         (not_utf8, "line 1 is not UTF-8 text"),
     ]
     for source, reason in cases:

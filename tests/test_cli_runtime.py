@@ -267,7 +267,8 @@ def test_job_store_keeps_only_whole_parts(tmp_path: Path) -> None:
     store.write_part(Part(1, 2, 4, [row(2, "c"), row(3, "d")]), np.zeros((2, 3), np.float32))
     (store.work / "part-000001.json").unlink()  # killed after the .npy, before the .json
     (store.work / ".part-000002.npy.1.tmp").write_bytes(b"partial")
-    parts = store.completed_parts()
+    parts, changed = store.completed_parts()
+    assert changed is None
     assert [(p.index, p.start, p.stop, [r["path"] for r in p.rows]) for p in parts] == [(0, 0, 2, ["a", "b"])]
     assert sorted(p.name for p in store.work.iterdir()) == [
         "inputs.txt",
@@ -277,7 +278,7 @@ def test_job_store_keeps_only_whole_parts(tmp_path: Path) -> None:
     ]
     assert store.plan()["chunk_size"] == 2
     store.write_part(Part(1, 2, 4, [row(2, "c"), row(3, "d")]), np.zeros((2, 3), np.float32))
-    out = store.finalize(store.completed_parts(), "npy", {"task": "embed"}, 3)
+    out = store.finalize(store.completed_parts()[0], "npy", {"task": "embed"}, 3)
     assert (out / "paths.txt").read_text() == "a\nc\nd\n"
     np.testing.assert_array_equal(np.load(out / "embeddings.npy"), [[1, 1, 1], [0, 0, 0], [0, 0, 0]])
     assert json.loads((out / "errors.json").read_text()) == [{"path": "b", "error": "b: bad"}]

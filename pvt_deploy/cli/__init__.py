@@ -11,13 +11,17 @@ import importlib.metadata
 import os
 import re
 import sys
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from pvt_deploy import __version__
-from pvt_deploy.errors import MissingExtraError, PvtDeployError
+from pvt_deploy.errors import MissingExtraError, PvtDeployError, UsageError
 from pvt_deploy.staging import sticky_interrupts
+
+if TYPE_CHECKING:
+    from pvt_deploy.runtime.config import RuntimeConfig
 
 # name -> ("module:attribute", short help, extras it needs). Each area owns its own module under pvt_deploy/cli/; the
 # short help is listed here so `pvt-deploy --help` imports nothing heavy, and the extras turn a missing package into
@@ -110,6 +114,20 @@ def missing_extra(command: str, exc: ModuleNotFoundError) -> MissingExtraError:
 def install_hint(extras: str) -> str:
     """How to add ``extras``: from the package index, and (the form that works there) from a source checkout."""
     return f"pip install 'pvt-deploy[{extras}]' (from a source checkout: pip install -e '.[{extras}]')"
+
+
+def runtime_config(option_names: Mapping[str, str] | None = None, **fields: Any) -> RuntimeConfig:
+    """``RuntimeConfig(**fields)`` from a command's options. A value it refuses (``--threads`` above the CPUs'
+    bound) is one ``UsageError`` naming the option: ``--`` and the field's name, unless ``option_names`` maps the
+    field to the command's own option (``{"batch_size": "--max-batch"}``)."""
+    from pvt_deploy.runtime.config import RuntimeConfig  # lazily: `pvt-deploy --help` imports nothing heavy
+
+    try:
+        return RuntimeConfig(**fields)
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        option = (option_names or {}).get(field, f"--{field.replace('_', '-')}")
+        raise UsageError(f"{option} {rest}") from None
 
 
 class LazyGroup(click.Group):

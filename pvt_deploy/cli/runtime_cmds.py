@@ -23,8 +23,9 @@ from typing import Any
 import click
 import numpy as np
 
+from pvt_deploy.cli import runtime_config
 from pvt_deploy.decode_budget import DEFAULT_DECODE_BUDGET_BYTES, MB, process_decode_budget
-from pvt_deploy.errors import ImageError, OutputError, UsageError
+from pvt_deploy.errors import ImageError, OutputError
 from pvt_deploy.files import atomic_write_bytes
 from pvt_deploy.jobs import (
     DEFAULT_CHUNK_SIZE,
@@ -41,7 +42,6 @@ from pvt_deploy.jobs import (
     prediction_record,
     run_job,
 )
-from pvt_deploy.runtime.config import RuntimeConfig
 from pvt_deploy.runtime.runtime import Runtime
 from pvt_deploy.runtime.sessions import DEVICES
 
@@ -141,24 +141,10 @@ def _warnings_as_lines() -> Iterator[None]:
         yield
 
 
-def runtime_config(options: dict[str, Any]) -> RuntimeConfig:
-    """The ``_runtime_options`` as one ``RuntimeConfig`` (what the Runtime, and every Ray actor, is built from); a
-    value it refuses (``--threads`` above the CPUs' bound) is a ``UsageError`` naming the option."""
-    try:
-        return RuntimeConfig(
-            device=options["device"],
-            precision=options["precision"],
-            threads=options["threads"],
-            batch_size=options["batch_size"],
-            exif_transpose=options["exif_transpose"],
-        )
-    except ValueError as exc:
-        field, _, rest = str(exc).partition(" ")
-        raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
-
-
 def _open_runtime(model_dir: Path, options: dict[str, Any]) -> Runtime:
-    return Runtime(model_dir, runtime_config(options))
+    """A Runtime from the ``_runtime_options``, each named as its ``RuntimeConfig`` field (what every Ray actor is
+    built from too)."""
+    return Runtime(model_dir, runtime_config(**options))
 
 
 class _Progress:

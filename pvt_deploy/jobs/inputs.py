@@ -50,6 +50,9 @@ def _lines(handle: IO[Any], source: str) -> Iterator[str]:
         if isinstance(line, bytes):
             if b"\0" in line:
                 raise _not_a_list(source, f"line {number} holds a NUL byte")
+            # the bound is on what readline read: decoded, a cut-off line of multi-byte characters is shorter
+            if len(line) > MAX_LIST_LINE_BYTES and not line.endswith(b"\n"):
+                raise _not_a_list(source, f"line {number} is longer than {MAX_LIST_LINE_BYTES} bytes")
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError:
@@ -58,8 +61,8 @@ def _lines(handle: IO[Any], source: str) -> Iterator[str]:
             text = line
             if "\0" in text:
                 raise _not_a_list(source, f"line {number} holds a NUL character")
-        if len(text) > MAX_LIST_LINE_BYTES and not text.endswith("\n"):
-            raise _not_a_list(source, f"line {number} is longer than {MAX_LIST_LINE_BYTES} bytes")
+            if len(text) > MAX_LIST_LINE_BYTES and not text.endswith("\n"):
+                raise _not_a_list(source, f"line {number} is longer than {MAX_LIST_LINE_BYTES} bytes")
         yield text.rstrip("\n").rstrip("\r")
 
 

@@ -24,7 +24,6 @@ from pvt_deploy.jobs.store import (
     JobStore,
     Part,
     check_work_folder,
-    input_fingerprint,
     inputs_digest,
     output_format,
     read_run_info,
@@ -185,20 +184,11 @@ def _resume_or_start(store: JobStore, identity: dict[str, Any], plan: JobPlan, e
 
 def _kept_parts(store: JobStore, total: int, events: JobEvents) -> list[Part]:
     """The finished parts, up to the first whose input files changed (size or mtime) since they were computed."""
-    parts = store.completed_parts()
-    for position, part in enumerate(parts):
-        recorded = store.fingerprints(part)
-        current = [input_fingerprint(row["path"]) for row in part.rows]
-        if recorded != current:
-            changed = next(
-                (row["path"] for row, a, b in zip(part.rows, recorded or [], current, strict=False) if a != b),
-                part.rows[0]["path"] if part.rows else "?",
-            )
-            events.note(f"Resuming: {changed} changed since its row was computed; recomputing from input {part.start}")
-            store.drop_parts(part.index)
-            parts = parts[:position]
-            break
-    events.note(f"Resuming: {parts[-1].stop if parts else 0} of {total} inputs already done")
+    parts, changed = store.completed_parts()
+    done = parts[-1].stop if parts else 0
+    if changed is not None:
+        events.note(f"Resuming: {changed} changed since its row was computed; recomputing from input {done}")
+    events.note(f"Resuming: {done} of {total} inputs already done")
     for part in parts:  # the final report stays complete: earlier failures are reported again
         events.part(part)
     return parts

@@ -130,7 +130,6 @@ class JobStore:
         atomic_write_json(self.work / PLAN_NAME, plan)
 
     def has_plan(self) -> bool:
-        check_work_folder(self.work)
         return (self.work / PLAN_NAME).is_file()
 
     def plan(self) -> dict[str, Any]:
@@ -147,42 +146,40 @@ class JobStore:
     def _part_path(self, index: int, suffix: str) -> Path:
         return self.work / f"part-{index:06d}{suffix}"
 
-    def completed_parts(self) -> list[Part]:
-        """Parts 0..k-1 that are complete, in order; what follows (a part cut off mid-write) is removed."""
+    def completed_parts(self) -> tuple[list[Part], str | None]:
+        """Parts 0..k-1 that are complete and whose input files are as they were when each was written (size,
+        mtime), in order, and the first input found changed (None: none was). What follows (a part cut off
+        mid-write, or one whose inputs changed) is removed, to be computed again."""
         parts: list[Part] = []
-        while (part := self._read_part(len(parts))) is not None:
+        changed = None
+        while (found := self._read_part(len(parts))) is not None:
+            part, recorded = found
+            current = [input_fingerprint(row["path"]) for row in part.rows]
+            if recorded != current:
+                changed = next(
+                    (row["path"] for row, a, b in zip(part.rows, recorded or [], current, strict=False) if a != b),
+                    part.rows[0]["path"] if part.rows else "?",
+                )
+                break
             parts.append(part)
         for leftover in self.work.iterdir():
             index = _part_index(leftover.name)
             if leftover.name.endswith(".tmp") or (index is not None and index >= len(parts)):
                 leftover.unlink(missing_ok=True)
-        return parts
+        return parts, changed
 
-    def _read_part(self, index: int) -> Part | None:
+    def _read_part(self, index: int) -> tuple[Part, list[Fingerprint] | None] | None:
+        """Part ``index`` and its inputs' recorded fingerprints (None when it has none), or None if unreadable."""
         path = self._part_path(index, ".json")
         if not path.is_file():
             return None
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
-            return Part(index, int(meta["start"]), int(meta["stop"]), list(meta["rows"]))
+            part = Part(index, int(meta["start"]), int(meta["stop"]), list(meta["rows"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
-
-    def fingerprints(self, part: Part) -> list[Fingerprint] | None:
-        """The inputs' fingerprints recorded with ``part`` (None when it has none)."""
-        try:
-            meta = json.loads(self._part_path(part.index, ".json").read_text(encoding="utf-8"))
-            found = meta["fingerprints"]
-            return found if isinstance(found, list) and len(found) == len(part.rows) else None
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def drop_parts(self, first: int) -> None:
-        """Forget parts ``first`` onward (their inputs changed): they are computed again."""
-        for leftover in self.work.iterdir():
-            index = _part_index(leftover.name)
-            if index is not None and index >= first:
-                leftover.unlink(missing_ok=True)
+        recorded = meta.get("fingerprints")
+        return part, recorded if isinstance(recorded, list) and len(recorded) == len(part.rows) else None
 
     def write_part(self, part: Part, embeddings: np.ndarray | None) -> None:
         if embeddings is not None:
