@@ -63,7 +63,7 @@ def run_job(
         "options": spec.to_json(),
         "model": model_identity(runtime, spec),
         "random_weights": runtime.manifest.random_weights,
-        "exif_transpose": runtime.config.exif_transpose,
+        "exif_transpose": runtime.exif_transpose,
         "format": fmt,
         "inputs": len(inputs),
         "inputs_sha256": inputs_digest(inputs),
