@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +27,7 @@ from prometheus_client import Counter, Histogram
 
 from pvt_deploy import __version__
 from pvt_deploy.errors import ServiceStartError
+from pvt_deploy.serve.limits import bearer_matches
 from pvt_deploy.serve.metrics import LATENCY_BUCKETS
 from pvt_deploy.serve.protos import grpc_predict_v2_pb2 as pb
 from pvt_deploy.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -135,9 +135,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         assert self.api_key is not None
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
-                token = value.encode() if isinstance(value, str) else bytes(value)
-                scheme, _, secret = token.partition(b" ")
-                return scheme.lower() == b"bearer" and secrets.compare_digest(secret.strip(), self.api_key)
+                return bearer_matches(value.encode() if isinstance(value, str) else bytes(value), self.api_key)
         return False
 
     async def _answer(
