@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -26,7 +25,6 @@ from grpc import aio
 from prometheus_client import Counter, Histogram
 
 from pvt_deploy import __version__
-from pvt_deploy.errors import ServiceStartError
 from pvt_deploy.serve.limits import bearer_matches
 from pvt_deploy.serve.metrics import LATENCY_BUCKETS
 from pvt_deploy.serve.protos import grpc_predict_v2_pb2 as pb
@@ -279,20 +277,6 @@ class GrpcServer:
     async def stop(self, grace_s: float = GRACE_S) -> None:
         """Refuse new calls, let in-flight ones finish (up to ``grace_s``), then close."""
         await self._server.stop(grace_s)
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Before anything loads: a port already in use is one ``ServiceStartError`` line (exit 13), not a failed startup
-    later. (A port taken between this check and the bind still stops the server, with the lifespan's log.)"""
-    if port == 0:
-        return
-    try:
-        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's listener: TIME_WAIT is free
-            probe.bind(address)
-    except OSError as exc:
-        raise ServiceStartError(f"--grpc-port {port}: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
 
 
 async def start_grpc_server(service: Service) -> GrpcServer | None:
