@@ -121,11 +121,10 @@ class GrpcMetrics:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The v2 gRPC methods over a ``Service`` (the same object the HTTP routes use)."""
 
-    def __init__(self, service: Service, api_key: str | None) -> None:
+    def __init__(self, service: Service) -> None:
         self.service = service
-        self.api_key = api_key.encode() if api_key is not None else None
+        self.api_key = service.api_key.encode() if service.api_key is not None else None
         self.metrics = GrpcMetrics(service.metrics.registry)
-        self.untrained = bool(service.runtime.manifest.random_weights)
 
     # ----- plumbing -----------------------------------------------------------------------------------------------
 
@@ -227,7 +226,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response = pb.ModelInferResponse(model_name=self.service.model_name, model_version=MODEL_VERSION)
             if request.id:
                 response.id = request.id
-            response.parameters["untrained"].bool_param = self.untrained
+            response.parameters["untrained"].bool_param = self.service.untrained
             for name in wanted:
                 value = np.ascontiguousarray(outputs[name], dtype="<f4")
                 response.outputs.add(name=name, datatype="FP32", shape=list(value.shape))
@@ -251,8 +250,7 @@ def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
 class GrpcServer:
     """grpcio's asyncio server on the running event loop (uvicorn's), serving one ``Service``."""
 
-    def __init__(self, service: Service, address: str, *, api_key: str | None, max_message_bytes: int,
-                 max_concurrent_rpcs: int) -> None:  # fmt: skip
+    def __init__(self, service: Service, address: str, *, max_message_bytes: int, max_concurrent_rpcs: int) -> None:
         self.address = address
         self.port: int | None = None
         self._server = aio.server(
@@ -263,7 +261,7 @@ class GrpcServer:
             ],
             maximum_concurrent_rpcs=max_concurrent_rpcs,  # beyond it grpcio answers RESOURCE_EXHAUSTED itself
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service, api_key), self._server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), self._server)
 
     async def start(self) -> None:
         try:
@@ -288,7 +286,6 @@ async def start_grpc_server(service: Service) -> GrpcServer | None:
     server = GrpcServer(
         service,
         address,
-        api_key=settings.api_key,
         max_message_bytes=settings.max_body_bytes,
         max_concurrent_rpcs=4 * settings.max_queue + 64,
     )
