@@ -27,16 +27,15 @@ from prometheus_client import Counter, Histogram
 from pvt_deploy import __version__
 from pvt_deploy.serve.limits import bearer_matches
 from pvt_deploy.serve.metrics import LATENCY_BUCKETS
+from pvt_deploy.serve.problems import ProtocolError
 from pvt_deploy.serve.protos import grpc_predict_v2_pb2 as pb
 from pvt_deploy.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from pvt_deploy.serve.v2 import INPUT_NAME, MODEL_VERSION, OUTPUTS, the_input
 
 if TYPE_CHECKING:
     from pvt_deploy.serve.service import Service
 
 SERVICE_NAME = "inference.GRPCInferenceService"
-MODEL_VERSION = "1"
-INPUT_NAME = "input"
-OUTPUTS = ("probabilities", "embedding")
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
 """Answered without the API key, like HTTP's /v2 and /v2/health/*: probes and the server's name need no secret."""
 GRACE_S = 30.0
@@ -60,17 +59,10 @@ def _invalid(message: str) -> RpcError:
 
 def input_rows(request: pb.ModelInferRequest, size: tuple[int, int]) -> np.ndarray:
     """The request's one FP32 ``input`` tensor as a writable (N, 3, H, W) float32 array, checked before any copy."""
-    if len(request.inputs) != 1:
-        raise _invalid(f"expected exactly one input tensor named {INPUT_NAME!r}, got {len(request.inputs)}")
-    tensor = request.inputs[0]
-    if tensor.name != INPUT_NAME:
-        raise _invalid(f"unknown input {tensor.name!r}; this model takes {INPUT_NAME!r}")
-    if tensor.datatype != "FP32":
-        raise _invalid(f"input datatype must be FP32, got {tensor.datatype!r}")
-    shape = [int(dim) for dim in tensor.shape]
-    expected = [3, *size]
-    if len(shape) != 4 or shape[1:] != expected or shape[0] < 1:
-        raise _invalid(f"input shape must be [N, {', '.join(map(str, expected))}], got {shape}")
+    try:
+        tensor, shape = the_input(request.inputs, size)  # the REST protocol's rule for name, datatype and shape
+    except ProtocolError as exc:
+        raise _invalid(str(exc)) from None
     count = math.prod(shape)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
