@@ -59,6 +59,22 @@ def torch_free_env(folder: Path) -> dict[str, str]:
     return env
 
 
+def run_serve(args: list[str], folder: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``pvt-deploy serve ARGS`` run to its end with torch blocked (for commands that exit: refusals, errors)."""
+    command = [sys.executable, "-m", "pvt_deploy", "serve", *args]
+    return subprocess.run(command, env=env or torch_free_env(folder), capture_output=True, text=True, timeout=120)
+
+
+def modules_loaded_by(imports: str, folder: Path) -> list[str]:
+    """``sys.modules`` after the statements ``imports`` ran in a fresh interpreter with torch blocked."""
+    script = f"{imports}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))\n"
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=torch_free_env(folder), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def start_server(
     model_dir: Path, folder: Path, *options: str, env: dict[str, str] | None = None, stdout: Any = subprocess.DEVNULL
 ) -> Server:
@@ -123,20 +139,14 @@ def client(server: Server) -> Iterator[httpx.Client]:
 
 def test_serving_imports_no_torch(tmp_path: Path) -> None:
     """The serve command and the app load without torch, onnx, or the export / model / train layers."""
-    script = (
-        "import sys\n"
+    imports = (
         "from pvt_deploy.cli import cli\n"
         "from pvt_deploy.cli.serve_cmds import serve\n"
-        "import pvt_deploy.serve.app, pvt_deploy.serve.v2, pvt_deploy.serve.batching\n"
-        "layers = ('pvt_deploy.export', 'pvt_deploy.model', 'pvt_deploy.train')\n"
-        "print(sorted(m for m in sys.modules\n"
-        "             if m.split('.')[0] in ('torch', 'torchvision', 'onnx') or m.startswith(layers)))\n"
+        "import pvt_deploy.serve.app, pvt_deploy.serve.v2, pvt_deploy.serve.batching"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=torch_free_env(tmp_path), capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    layers = ("pvt_deploy.export", "pvt_deploy.model", "pvt_deploy.train")
+    loaded = modules_loaded_by(imports, tmp_path)
+    assert [m for m in loaded if m.split(".")[0] in ("torch", "torchvision", "onnx") or m.startswith(layers)] == []
 
 
 def test_missing_serve_extra_is_one_error_line(model_dir: Path, tmp_path: Path) -> None:
@@ -145,8 +155,7 @@ def test_missing_serve_extra_is_one_error_line(model_dir: Path, tmp_path: Path) 
     blocked = blocker.read_text().replace('BLOCKED = ("torch", "torchvision")', 'BLOCKED = ("torch", "fastapi")')
     assert blocked != blocker.read_text()
     blocker.write_text(blocked)
-    command = [sys.executable, "-m", "pvt_deploy", "serve", str(model_dir)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    done = run_serve([str(model_dir)], tmp_path, env=env)
     assert done.returncode == MissingExtraError.exit_code
     assert done.stderr.strip() == (
         "Error: `pvt-deploy serve` needs the [serve] extra (fastapi is not installed): pip install 'pvt-deploy[serve]' "

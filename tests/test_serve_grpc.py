@@ -9,8 +9,6 @@ import asyncio
 import json
 import re
 import shutil
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +30,7 @@ from pvt_deploy.serve.instances import (
     default_instances,
     serve_threads,
 )
-from tests.test_serve import MODEL_NAME, Server, start_server, torch_free_env
+from tests.test_serve import MODEL_NAME, Server, modules_loaded_by, run_serve, start_server, torch_free_env
 
 EXACT_ATOL = 1e-6  # the issue's bound: the same tensor through the same session, batched or not
 KEY_VARIABLE = "PVT_DEPLOY_TEST_GRPC_KEY"
@@ -214,40 +212,29 @@ def test_api_key_queue_limit_and_untrained_flag(
 
 def test_grpc_port_in_use_is_one_error_line(server: Server, model_dir: Path, tmp_path: Path) -> None:
     port = grpc_target(server).rsplit(":", 1)[1]
-    command = [sys.executable, "-m", "pvt_deploy", "serve", str(model_dir), "--port", "0", "--grpc-port", port]
-    done = subprocess.run(command, env=torch_free_env(tmp_path), capture_output=True, text=True, timeout=120)
+    done = run_serve([str(model_dir), "--port", "0", "--grpc-port", port], tmp_path)
     assert done.returncode == 13, done.stderr  # the service cannot listen
     assert done.stderr.startswith(f"Error: --grpc-port {port}: cannot listen on 127.0.0.1:{port}")
     assert "Traceback" not in done.stderr
 
 
 def test_grpc_port_equal_to_http_port_is_refused(model_dir: Path, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "pvt_deploy", "serve", str(model_dir), "--port", "8123", "--grpc-port", "8123"]
-    done = subprocess.run(command, env=torch_free_env(tmp_path), capture_output=True, text=True, timeout=120)
+    done = run_serve([str(model_dir), "--port", "8123", "--grpc-port", "8123"], tmp_path)
     assert done.returncode == 2
     assert "--grpc-port must differ from --port" in done.stderr
 
 
 def test_instances_refused_with_ray(model_dir: Path, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "pvt_deploy", "serve", str(model_dir), "--ray", "--instances", "2"]
-    done = subprocess.run(command, env=torch_free_env(tmp_path), capture_output=True, text=True, timeout=120)
+    done = run_serve([str(model_dir), "--ray", "--instances", "2"], tmp_path)
     assert done.returncode == 2
     assert "--instances is for one uvicorn process; with --ray use --replicas" in done.stderr
 
 
 def test_http_only_server_does_not_import_grpc(tmp_path: Path) -> None:
     """grpcio loads only with --grpc-port: the app, the CLI and the batcher stand without it."""
-    script = (
-        "import sys\n"
-        "import pvt_deploy.serve.app, pvt_deploy.cli.serve_cmds, pvt_deploy.serve.instances\n"
-        "grpc = [m for m in sys.modules if m.split('.')[0] == 'grpc' or m.startswith('pvt_deploy.serve.protos')]\n"
-        "print(sorted(grpc))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=torch_free_env(tmp_path), capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    imports = "import pvt_deploy.serve.app, pvt_deploy.cli.serve_cmds, pvt_deploy.serve.instances"
+    loaded = modules_loaded_by(imports, tmp_path)
+    assert [m for m in loaded if m.split(".")[0] == "grpc" or m.startswith("pvt_deploy.serve.protos")] == []
 
 
 def test_stubs_load_beside_tritonclient() -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ import httpx
 import pytest
 
 from pvt_deploy.errors import ServiceStartError
-from tests.test_serve import Server, start_server, torch_free_env
+from tests.test_serve import Server, run_serve, start_server
 
 HALF_OPEN = 400
 TIMEOUT_S = 2
@@ -109,31 +107,26 @@ def test_a_key_in_the_query_string_is_not_logged(server: Server) -> None:
     assert secret not in log.read_text() and secret not in "".join(server.log)
 
 
-def _serve(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "pvt_deploy", "serve", *args]
-    return subprocess.run(command, env=torch_free_env(tmp_path), capture_output=True, text=True, timeout=120)
-
-
 def test_busy_port_is_one_error_line_before_loading(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         # the folder does not exist: the port is checked first, so the answer is about the port (not exit 5)
-        done = _serve([str(tmp_path / "no-such-model"), "--port", str(port)], tmp_path)
+        done = run_serve([str(tmp_path / "no-such-model"), "--port", str(port)], tmp_path)
     assert done.returncode == ServiceStartError.exit_code, done.stderr
     assert done.stderr.strip() == f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
 def test_host_not_on_this_machine_is_one_error_line(tmp_path: Path) -> None:
-    done = _serve([str(tmp_path / "no-such-model"), "--host", "203.0.113.7", "--port", "0"], tmp_path)
+    done = run_serve([str(tmp_path / "no-such-model"), "--host", "203.0.113.7", "--port", "0"], tmp_path)
     assert done.returncode == ServiceStartError.exit_code, done.stderr
     assert done.stderr.strip().startswith("Error: cannot listen on 203.0.113.7:0: ")
     assert len(done.stderr.strip().splitlines()) == 1
 
 
 def test_threads_above_the_cpu_bound_is_one_error_line(tmp_path: Path) -> None:
-    done = _serve([str(tmp_path / "no-such-model"), "--threads", "100000"], tmp_path)
+    done = run_serve([str(tmp_path / "no-such-model"), "--threads", "100000"], tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().startswith("Error: --threads: threads must be <= ")
     assert len(done.stderr.strip().splitlines()) == 1

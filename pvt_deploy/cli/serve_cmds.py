@@ -121,9 +121,8 @@ def serve(
     _require(SERVE_MODULES)
     if grpc_port is not None:
         _require(("grpc",))
-        from pvt_deploy.serve.grpc_service import check_port_free
-
-        check_port_free(host, grpc_port)
+        if grpc_port != 0:  # grpcio binds it once the app starts; a port in use is said now, before the load
+            bind_listener(host, grpc_port, option=f"--grpc-port {grpc_port}: ").close()
     listener = bind_listener(host, port)  # before the model loads: a busy port costs no load and says so
     if use_ray:
         _require(("ray",))
@@ -141,8 +140,9 @@ def _option_of(message: str) -> str:
     return f"{option}: " if option else ""
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (uvicorn listens on it), or one ``ServiceStartError`` line saying why not."""
+def bind_listener(host: str, port: int, *, option: str = "") -> socket.socket:
+    """A socket bound to ``host:port`` (uvicorn listens on it), or one ``ServiceStartError`` line saying why not
+    (``option`` opens it, naming the option whose port it is)."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -156,7 +156,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
     except OSError as exc:
         listener.close()
         reason = exc.strerror or str(exc)
-        raise ServiceStartError(f"cannot listen on {host}:{port}: {reason}") from None
+        raise ServiceStartError(f"{option}cannot listen on {host}:{port}: {reason}") from None
     listener.set_inheritable(True)
     return listener
 

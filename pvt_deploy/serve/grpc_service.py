@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,18 +25,17 @@ from grpc import aio
 from prometheus_client import Counter, Histogram
 
 from pvt_deploy import __version__
-from pvt_deploy.errors import ServiceStartError
+from pvt_deploy.serve.limits import bearer_matches
 from pvt_deploy.serve.metrics import LATENCY_BUCKETS
+from pvt_deploy.serve.problems import ProtocolError
 from pvt_deploy.serve.protos import grpc_predict_v2_pb2 as pb
 from pvt_deploy.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from pvt_deploy.serve.v2 import INPUT_NAME, MODEL_VERSION, OUTPUTS, the_input
 
 if TYPE_CHECKING:
     from pvt_deploy.serve.service import Service
 
 SERVICE_NAME = "inference.GRPCInferenceService"
-MODEL_VERSION = "1"
-INPUT_NAME = "input"
-OUTPUTS = ("probabilities", "embedding")
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
 """Answered without the API key, like HTTP's /v2 and /v2/health/*: probes and the server's name need no secret."""
 GRACE_S = 30.0
@@ -62,17 +59,10 @@ def _invalid(message: str) -> RpcError:
 
 def input_rows(request: pb.ModelInferRequest, size: tuple[int, int]) -> np.ndarray:
     """The request's one FP32 ``input`` tensor as a writable (N, 3, H, W) float32 array, checked before any copy."""
-    if len(request.inputs) != 1:
-        raise _invalid(f"expected exactly one input tensor named {INPUT_NAME!r}, got {len(request.inputs)}")
-    tensor = request.inputs[0]
-    if tensor.name != INPUT_NAME:
-        raise _invalid(f"unknown input {tensor.name!r}; this model takes {INPUT_NAME!r}")
-    if tensor.datatype != "FP32":
-        raise _invalid(f"input datatype must be FP32, got {tensor.datatype!r}")
-    shape = [int(dim) for dim in tensor.shape]
-    expected = [3, *size]
-    if len(shape) != 4 or shape[1:] != expected or shape[0] < 1:
-        raise _invalid(f"input shape must be [N, {', '.join(map(str, expected))}], got {shape}")
+    try:
+        tensor, shape = the_input(request.inputs, size)  # the REST protocol's rule for name, datatype and shape
+    except ProtocolError as exc:
+        raise _invalid(str(exc)) from None
     count = math.prod(shape)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
@@ -123,11 +113,10 @@ class GrpcMetrics:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The v2 gRPC methods over a ``Service`` (the same object the HTTP routes use)."""
 
-    def __init__(self, service: Service, api_key: str | None) -> None:
+    def __init__(self, service: Service) -> None:
         self.service = service
-        self.api_key = api_key.encode() if api_key is not None else None
+        self.api_key = service.api_key.encode() if service.api_key is not None else None
         self.metrics = GrpcMetrics(service.metrics.registry)
-        self.untrained = bool(service.runtime.manifest.random_weights)
 
     # ----- plumbing -----------------------------------------------------------------------------------------------
 
@@ -135,9 +124,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         assert self.api_key is not None
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
-                token = value.encode() if isinstance(value, str) else bytes(value)
-                scheme, _, secret = token.partition(b" ")
-                return scheme.lower() == b"bearer" and secrets.compare_digest(secret.strip(), self.api_key)
+                return bearer_matches(value.encode() if isinstance(value, str) else bytes(value), self.api_key)
         return False
 
     async def _answer(
@@ -231,7 +218,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response = pb.ModelInferResponse(model_name=self.service.model_name, model_version=MODEL_VERSION)
             if request.id:
                 response.id = request.id
-            response.parameters["untrained"].bool_param = self.untrained
+            response.parameters["untrained"].bool_param = self.service.untrained
             for name in wanted:
                 value = np.ascontiguousarray(outputs[name], dtype="<f4")
                 response.outputs.add(name=name, datatype="FP32", shape=list(value.shape))
@@ -255,8 +242,7 @@ def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
 class GrpcServer:
     """grpcio's asyncio server on the running event loop (uvicorn's), serving one ``Service``."""
 
-    def __init__(self, service: Service, address: str, *, api_key: str | None, max_message_bytes: int,
-                 max_concurrent_rpcs: int) -> None:  # fmt: skip
+    def __init__(self, service: Service, address: str, *, max_message_bytes: int, max_concurrent_rpcs: int) -> None:
         self.address = address
         self.port: int | None = None
         self._server = aio.server(
@@ -267,7 +253,7 @@ class GrpcServer:
             ],
             maximum_concurrent_rpcs=max_concurrent_rpcs,  # beyond it grpcio answers RESOURCE_EXHAUSTED itself
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service, api_key), self._server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), self._server)
 
     async def start(self) -> None:
         try:
@@ -283,20 +269,6 @@ class GrpcServer:
         await self._server.stop(grace_s)
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Before anything loads: a port already in use is one ``ServiceStartError`` line (exit 13), not a failed startup
-    later. (A port taken between this check and the bind still stops the server, with the lifespan's log.)"""
-    if port == 0:
-        return
-    try:
-        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's listener: TIME_WAIT is free
-            probe.bind(address)
-    except OSError as exc:
-        raise ServiceStartError(f"--grpc-port {port}: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
-
-
 async def start_grpc_server(service: Service) -> GrpcServer | None:
     """The lifespan hook: a started server when the settings ask for one (``grpc_address``), else None."""
     settings = service.settings
@@ -306,7 +278,6 @@ async def start_grpc_server(service: Service) -> GrpcServer | None:
     server = GrpcServer(
         service,
         address,
-        api_key=settings.api_key,
         max_message_bytes=settings.max_body_bytes,
         max_concurrent_rpcs=4 * settings.max_queue + 64,
     )

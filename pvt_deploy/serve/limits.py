@@ -14,6 +14,13 @@ OPEN_PREFIXES = ("/v2/health/", "/docs/assets/")
 """Reachable without the API key: the page (it asks for the key), the docs, Prometheus, and the health probes."""
 
 
+def bearer_matches(authorization: bytes, api_key: bytes) -> bool:
+    """Whether an ``Authorization`` value (HTTP header or gRPC metadata) is ``Bearer <api_key>``. Bytes, not str:
+    compare_digest refuses non-ASCII str (a 500), and any byte sequence is a token."""
+    scheme, _, token = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), api_key)
+
+
 class BodyTooLarge(Exception):
     """Raised from ``receive`` when a streamed body passes the cap; the app answers it with 413."""
 
@@ -86,7 +93,5 @@ class LimitsMiddleware:
         assert self.api_key is not None
         for name, value in scope.get("headers", []):
             if name == b"authorization":
-                # bytes, not str: compare_digest refuses non-ASCII str (a 500), and any byte sequence is a token
-                scheme, _, token = value.partition(b" ")
-                return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.api_key)
+                return bearer_matches(value, self.api_key)
         return False

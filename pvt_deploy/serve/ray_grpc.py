@@ -71,7 +71,7 @@ class RayGrpcMethods:
     def _bind_grpc(self, app: Any) -> Any:
         """Called with the replica's ASGI app once it is built; returns it unchanged."""
         service = service_of(app)
-        self._grpc_servicer = InferenceServicer(service, service.settings.api_key)
+        self._grpc_servicer = InferenceServicer(service)
         return app
 
     async def _call(self, method: str, request: Any, grpc_context: Any, empty: Any) -> Any:

@@ -226,11 +226,12 @@ class Service:
         return [dim if isinstance(dim, int) else -1 for dim in self.runtime.output_shape("classify", name)]
 
     def describe(self) -> dict[str, Any]:
+        """GET /v1/model: ``Runtime.describe()``'s facts under this API's names, plus what only the server knows."""
+        session = self.runtime.session("classify")  # loaded first, so "device" is where it runs
         runtime = self.runtime.describe()
-        session = self.runtime.session("classify")
         return {
             "name": self.model_name,
-            "network": self.runtime.manifest.network,
+            "network": runtime["network"],
             "num_classes": len(self.labels),
             "labels": self.labels,
             "input": {
@@ -240,14 +241,14 @@ class Service:
                 "rgb_stats": self.preprocessing["rgb_stats"],
                 "center_crop": self.preprocessing["center_crop"],
             },
-            "preprocess": runtime.get("preprocess"),
-            "precision": self.runtime.precision,
+            "preprocess": runtime["preprocess"],
+            "precision": runtime["precision"],
             "precisions": self.runtime.precisions,
-            "device": self.runtime.active_device,
+            "device": runtime["device"],
             "untrained": self.untrained,
             "runtime": {
-                "config": self.runtime.config.to_json(),
-                "batch_size": self.runtime.batch_size,
+                "config": runtime["config"],
+                "batch_size": runtime["batch_size"],
                 "session_providers": list(session.providers),
             },
             "checksums": {name: record.sha256 for name, record in self.runtime.manifest.files.items()},

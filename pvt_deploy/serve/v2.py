@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from pvt_deploy.serve.service import Service, ServiceDep
 
 HEADER_LENGTH = "inference-header-content-length"
 MODEL_VERSION = "1"
+INPUT_NAME = "input"
 OUTPUTS = ("probabilities", "embedding")
 
 
@@ -89,19 +91,26 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequ
         raise ProtocolError(_describe(exc)) from None
 
 
-def input_tensor(request: InferenceRequest, binary: bytes, size: tuple[int, int]) -> np.ndarray:
-    """The request's ``input`` as a finite float32 (N, 3, H, W) array."""
-    if len(request.inputs) != 1:
-        raise ProtocolError("expected exactly one input tensor named 'input'")
-    tensor = request.inputs[0]
-    if tensor.name != "input":
-        raise ProtocolError(f"unknown input {tensor.name!r}; this model takes 'input'")
+def the_input(inputs: Sequence[Any], size: tuple[int, int]) -> tuple[Any, list[int]]:
+    """The one input tensor of a request (REST or gRPC: both have ``name``, ``datatype``, ``shape``) and its shape,
+    checked against the model's contract: named ``input``, FP32, [N, 3, H, W] at the model's size."""
+    if len(inputs) != 1:
+        raise ProtocolError(f"expected exactly one input tensor named {INPUT_NAME!r}, got {len(inputs)}")
+    tensor = inputs[0]
+    if tensor.name != INPUT_NAME:
+        raise ProtocolError(f"unknown input {tensor.name!r}; this model takes {INPUT_NAME!r}")
     if tensor.datatype != "FP32":
         raise ProtocolError(f"input datatype must be FP32, got {tensor.datatype!r}")
-    shape = tensor.shape
+    shape = [int(dim) for dim in tensor.shape]
     expected = [3, *size]
     if not (len(shape) == 4 and shape[1:] == expected and shape[0] >= 1):
         raise ProtocolError(f"input shape must be [N, {', '.join(map(str, expected))}], got {shape}")
+    return tensor, shape
+
+
+def input_tensor(request: InferenceRequest, binary: bytes, size: tuple[int, int]) -> np.ndarray:
+    """The request's ``input`` as a finite float32 (N, 3, H, W) array."""
+    tensor, shape = the_input(request.inputs, size)
     count = math.prod(shape)
     binary_size = tensor.parameters.binary_data_size if tensor.parameters is not None else None
     if binary_size is not None:
@@ -181,7 +190,7 @@ async def model_metadata(name: str, service: ServiceDep, version: str = MODEL_VE
         "name": service.model_name,
         "versions": [MODEL_VERSION],
         "platform": "onnxruntime_onnx",
-        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3, height, width]}],
+        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 3, height, width]}],
         "outputs": [{"name": name, "datatype": "FP32", "shape": service.output_dims(name)} for name in OUTPUTS],
         "parameters": {"untrained": service.untrained},
     }
