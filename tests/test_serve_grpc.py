@@ -148,7 +148,7 @@ def test_concurrent_calls_through_two_instances_equal_runtime(
     assert counted and float(counted.group(1)) >= len(rows)
 
 
-def test_health_and_metadata(client: triton.InferenceServerClient, runtime: Runtime) -> None:
+def test_health_and_metadata(client: triton.InferenceServerClient, runtime: Runtime, photo_paths: list[Path]) -> None:
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready(MODEL_NAME) and client.is_model_ready(MODEL_NAME, "1")
     assert client.get_server_metadata().name == "pvt-deploy"
@@ -158,6 +158,8 @@ def test_health_and_metadata(client: triton.InferenceServerClient, runtime: Runt
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("input", "FP32", [-1, 3, height, width])]
     assert [t.name for t in metadata.outputs] == ["probabilities", "embedding"]
     assert list(metadata.outputs[0].shape) == [-1, len(runtime.labels)]
+    embedding_dim = runtime.embed(runtime.preprocess(photo_paths[:1])).shape[1]
+    assert list(metadata.outputs[1].shape) == [-1, embedding_dim]  # fixed, as v2 REST's metadata gives it
 
 
 def test_bad_requests_get_status_codes_and_the_server_stays_up(

@@ -201,10 +201,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 versions=[MODEL_VERSION],
                 platform="onnxruntime_onnx",
                 inputs=[tensor(name=INPUT_NAME, datatype="FP32", shape=[-1, 3, height, width])],
-                outputs=[
-                    tensor(name="probabilities", datatype="FP32", shape=[-1, len(self.service.labels)]),
-                    tensor(name="embedding", datatype="FP32", shape=[-1, -1]),
-                ],
+                outputs=[tensor(name=name, datatype="FP32", shape=self.service.output_dims(name)) for name in OUTPUTS],
             )
 
         return await self._answer("ModelMetadata", context, produce)
