@@ -519,7 +519,7 @@ def _quantize_dynamic(fp32_path: Path, out_path: Path, float_groups: Iterable[st
             quantize_dynamic(
                 str(staged),
                 str(out_path),
-                op_types_to_quantize=["MatMul", "Gemm"],
+                op_types_to_quantize=list(INT8_OP_TYPES),
                 nodes_to_exclude=excluded,
                 per_channel=True,
                 weight_type=QuantType.QInt8,
@@ -533,7 +533,7 @@ def _quantize_dynamic(fp32_path: Path, out_path: Path, float_groups: Iterable[st
         "batch_invariant": False,
         "per_channel": True,
         "weights": "int8",
-        "op_types": ["MatMul", "Gemm"],
+        "op_types": list(INT8_OP_TYPES),
         "float_nodes": len(excluded),
     }
 
