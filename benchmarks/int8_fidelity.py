@@ -39,7 +39,13 @@ import onnx
 from PIL import Image, ImageEnhance, ImageOps
 
 from pvt_deploy.bench.machine import cpu_summary, load_average
-from pvt_deploy.export.parity import KEEP_CLASS_MARGIN, flip_margin_max, margin_buckets, top1_margins
+from pvt_deploy.export.parity import (
+    KEEP_CLASS_MARGIN,
+    cosine_per_sample,
+    flip_margin_max,
+    margin_buckets,
+    top1_margins,
+)
 from pvt_deploy.export.precision import INT8_FLOAT_GROUPS, float_nodes_for_int8, int8_node_roles, make_variant
 from pvt_deploy.preprocess import is_image_file
 from pvt_deploy.runtime import Runtime
@@ -170,11 +176,17 @@ def embed_rows(session: Any, x: np.ndarray) -> np.ndarray:
     return np.concatenate([session.run(["embedding"], {"input": x[i : i + 1]})[0] for i in range(len(x))])
 
 
+def relative_errors(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Per row: the norm of the embedding's change over the norm of the fp32 embedding (float64)."""
+    a, b = reference.astype(np.float64), candidate.astype(np.float64)
+    return np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+
+
 def fidelity(reference: np.ndarray, candidate: np.ndarray, heads: list[dict[str, Any]]) -> dict[str, Any]:
     """Embedding error, then per head family: margin buckets pooled over its heads, flips, |delta logit|."""
     a, b = reference.astype(np.float64), candidate.astype(np.float64)
-    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    relative = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+    cosine = cosine_per_sample(a, b)
+    relative = relative_errors(a, b)
     out: dict[str, Any] = {
         "embedding": {
             "cosine_mean": float(cosine.mean()),
@@ -286,8 +298,7 @@ def sensitivity(fp32_path: Path, x: np.ndarray, reference: np.ndarray, threads: 
         path = tmp / "one-group.onnx"
         make_variant(fp32_path, "int8", path, int8_method="dynamic", float_groups=sorted(every_group - {group}))
         got = embed_rows(create_session(path, threads=threads), x)
-        a, b = reference.astype(np.float64), got.astype(np.float64)
-        relative = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+        relative = relative_errors(reference, got)
         weights = sum(_weight_elements(model, n) for n in nodes)
         out[group] = {
             "nodes": len(nodes),
