@@ -13,39 +13,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from pvt_deploy import Runtime
-from pvt_deploy.bench.machine import cpu_summary
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import ServerProcess  # noqa: E402
+
+from pvt_deploy import Runtime  # noqa: E402
+from pvt_deploy.bench.machine import cpu_summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "tests" / "data" / "photos" / "chelsea.png"
 
 
-def start_server(model_dir: Path, threads: int, options: list[str]) -> tuple[subprocess.Popen[str], httpx.Client]:
-    command = [sys.executable, "-m", "pvt_deploy", "serve", str(model_dir), "--port", "0", "--device", "cpu"]
-    process = subprocess.Popen(
-        [*command, "--threads", str(threads), *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    assert process.stderr is not None
-    url = None
-    for line in process.stderr:
-        match = re.search(r"running on (http://127\.0\.0\.1:\d+)", line)
-        if match:
-            url = match.group(1)
-            break
-    if url is None:
-        raise SystemExit(f"the server with {options} did not start")
-    threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()  # type: ignore[union-attr]
-    return process, httpx.Client(base_url=url, timeout=120)
+def start_server(model_dir: Path, threads: int, options: list[str]) -> tuple[ServerProcess, httpx.Client]:
+    server = ServerProcess(model_dir, ["--device", "cpu", "--threads", str(threads), *options])
+    return server, httpx.Client(base_url=server.url, timeout=120)
 
 
 def main() -> None:
@@ -81,10 +68,9 @@ def main() -> None:
             call(name)
             latencies[name].append(time.perf_counter() - started)
     load_end = os.getloadavg()
-    for process, client in servers.values():
+    for server, client in servers.values():
         client.close()
-        process.terminate()
-        process.wait(timeout=60)
+        server.stop()
     p50 = {name: round(statistics.median(values) * 1000, 1) for name, values in latencies.items()}
     result = {
         "model_dir": str(args.model_dir),
