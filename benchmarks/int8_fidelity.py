@@ -39,7 +39,13 @@ import onnx
 from PIL import Image, ImageEnhance, ImageOps
 
 from pvt_deploy.bench.machine import cpu_summary, load_average
-from pvt_deploy.export.parity import KEEP_CLASS_MARGIN, flip_margin_max, margin_buckets, top1_margins
+from pvt_deploy.export.parity import (
+    KEEP_CLASS_MARGIN,
+    cosine_per_sample,
+    flip_margin_max,
+    margin_buckets,
+    top1_margins,
+)
 from pvt_deploy.export.precision import INT8_FLOAT_GROUPS, float_nodes_for_int8, int8_node_roles, make_variant
 from pvt_deploy.preprocess import is_image_file
 from pvt_deploy.runtime import Runtime
@@ -170,11 +176,17 @@ def embed_rows(session: Any, x: np.ndarray) -> np.ndarray:
     return np.concatenate([session.run(["embedding"], {"input": x[i : i + 1]})[0] for i in range(len(x))])
 
 
+def relative_errors(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Per row: the norm of the embedding's change over the norm of the fp32 embedding (float64)."""
+    a, b = reference.astype(np.float64), candidate.astype(np.float64)
+    return np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+
+
 def fidelity(reference: np.ndarray, candidate: np.ndarray, heads: list[dict[str, Any]]) -> dict[str, Any]:
     """Embedding error, then per head family: margin buckets pooled over its heads, flips, |delta logit|."""
     a, b = reference.astype(np.float64), candidate.astype(np.float64)
-    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    relative = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+    cosine = cosine_per_sample(a, b)
+    relative = relative_errors(a, b)
     out: dict[str, Any] = {
         "embedding": {
             "cosine_mean": float(cosine.mean()),
@@ -271,13 +283,12 @@ def speed_ab(paths: dict[str, Path], x: np.ndarray, rounds: int, threads: int) -
 
 
 def sensitivity(fp32_path: Path, x: np.ndarray, reference: np.ndarray, threads: int, tmp: Path) -> dict[str, Any]:
-    """Quantize one (stage, role) group alone (dynamic, as shipped) and measure the embedding error it causes."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """Quantize one (stage, role) group alone (dynamic, as shipped) and measure the embedding error it causes.
 
+    The export's own quantizer does it, with every other node's ``stage<N>/<role>`` group kept float."""
     model = onnx.load(str(fp32_path))
-    staged = tmp / "fp32-staged.onnx"
-    onnx.save(model, str(staged))
     roles = int8_node_roles(model)
+    every_group = {f"stage{stage}/{role}" for stage, role in roles.values()}
     groups: dict[str, list[str]] = {}
     for name, (stage, role) in roles.items():
         if role in ("q", "kv", "proj", "fc1", "fc2"):
@@ -285,17 +296,9 @@ def sensitivity(fp32_path: Path, x: np.ndarray, reference: np.ndarray, threads: 
     out = {}
     for group, nodes in sorted(groups.items()):
         path = tmp / "one-group.onnx"
-        quantize_dynamic(
-            str(staged),
-            str(path),
-            op_types_to_quantize=["MatMul", "Gemm"],
-            nodes_to_quantize=nodes,
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-        )
+        make_variant(fp32_path, "int8", path, int8_method="dynamic", float_groups=sorted(every_group - {group}))
         got = embed_rows(create_session(path, threads=threads), x)
-        a, b = reference.astype(np.float64), got.astype(np.float64)
-        relative = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+        relative = relative_errors(reference, got)
         weights = sum(_weight_elements(model, n) for n in nodes)
         out[group] = {
             "nodes": len(nodes),

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import PHOTOS, ServerProcess, http_block, percentiles  # noqa: E402
 
 from pvt_deploy.bench.machine import cpu_summary  # noqa: E402
+from pvt_deploy.format.manifest import load_manifest  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_instances.json"
 
@@ -102,7 +103,7 @@ def main() -> None:
         for layout, entry in pooled.items()
     }
     report = {
-        "model": json.loads((args.model_dir / "manifest.json").read_text()).get("model_name"),
+        "model": load_manifest(args.model_dir).model_name,
         "cpu": cpu_summary(),
         "cores": os.cpu_count(),
         "onnxruntime": ort.__version__,

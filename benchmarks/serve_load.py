@@ -32,6 +32,7 @@ import psutil
 
 from pvt_deploy import Runtime
 from pvt_deploy.bench.machine import cpu_summary
+from pvt_deploy.format.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "serve_load.json"
@@ -185,7 +186,7 @@ def main() -> None:
     first, last = f"c{min(args.concurrency)}", f"c{max(args.concurrency)}"
     report = {
         "model_dir": str(args.model_dir),
-        "model": json.loads((args.model_dir / "manifest.json").read_text()).get("model_name"),
+        "model": load_manifest(args.model_dir).model_name,
         "input_size": list(runtime.metadata["preprocess"]["size"]),
         "cpu": cpu_summary(),
         "cores": os.cpu_count(),

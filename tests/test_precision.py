@@ -161,6 +161,22 @@ def test_float_groups_reach_the_int8_graph(tmp_path: Path) -> None:
     assert quantized(last_float) < quantized(default)
 
 
+def test_dynamic_int8_keeps_float_groups_float_where_they_are_gemms(tmp_path: Path) -> None:
+    # onnxruntime's dynamic quantizer turns Gemm <name> into MatMul <name>_MatMul before it checks which nodes to
+    # exclude; the offline pass makes the tiny classifier and several proj/kv projections such Gemms
+    raw, _ = _export_raw(tmp_path, "classify")
+    fp32 = tmp_path / "classify.fp32.onnx"
+    optimize_fp32(raw, fp32)
+    model = onnx.load(str(fp32))
+    kept_float = set(float_nodes_for_int8(model))
+    assert {n.name for n in model.graph.node if n.op_type == "Gemm"} & kept_float  # the case this test is about
+    out = tmp_path / "classify.int8.onnx"
+    make_variant(fp32, "int8", out, int8_method="dynamic")
+    quantized = [n.name for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulInteger"]
+    sources = {name.removesuffix("_quant").removesuffix("_MatMul") for name in quantized}
+    assert quantized and not sources & kept_float
+
+
 def test_flip_margin_check_fails_a_variant_that_changes_a_clear_class() -> None:
     """The int8 fidelity rule: a top-1 may change only where fp32's margin is below 0.5 logit."""
     reference = np.array([[3.0, 2.0, 0.0], [1.0, 0.9, 0.0], [0.0, 0.0, 5.0]], dtype=np.float32)

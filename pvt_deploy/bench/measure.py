@@ -74,6 +74,8 @@ def ort_gemm_rate(threads: int, kind: str = "fp32", calls: int = 5, size: int = 
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    from pvt_deploy.runtime.sessions import session_options
+
     rng = np.random.default_rng(0)
     if kind == "fp32":
         weight = numpy_helper.from_array(rng.standard_normal((size, size), dtype=np.float32), "B")
@@ -97,11 +99,7 @@ def ort_gemm_rate(threads: int, kind: str = "fp32", calls: int = 5, size: int = 
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the runtime's sessions run
+    options = session_options(threads)  # as the runtime's sessions run (no spin-waiting)
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     session.run(None, {"A": a})
     rates = []

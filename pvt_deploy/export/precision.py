@@ -514,13 +514,16 @@ def _quantize_dynamic(fp32_path: Path, out_path: Path, float_groups: Iterable[st
     """No calibration set: int8 weights, activations quantized per call (MatMul only; ConvInteger is slow)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quantizer_input(fp32_path, float_groups) as (_, staged, excluded):
+    with _quantizer_input(fp32_path, float_groups) as (model, staged, excluded):
+        # The dynamic quantizer first rewrites each Gemm <name> as MatMul <name>_MatMul (+ Add), then matches
+        # nodes_to_exclude against the new names: a float Gemm is excluded under both.
+        gemms = {node.name for node in model.graph.node if node.op_type == "Gemm"}
         try:
             quantize_dynamic(
                 str(staged),
                 str(out_path),
-                op_types_to_quantize=["MatMul", "Gemm"],
-                nodes_to_exclude=excluded,
+                op_types_to_quantize=list(INT8_OP_TYPES),
+                nodes_to_exclude=excluded + [f"{name}_MatMul" for name in excluded if name in gemms],
                 per_channel=True,
                 weight_type=QuantType.QInt8,
             )
@@ -533,7 +536,7 @@ def _quantize_dynamic(fp32_path: Path, out_path: Path, float_groups: Iterable[st
         "batch_invariant": False,
         "per_channel": True,
         "weights": "int8",
-        "op_types": ["MatMul", "Gemm"],
+        "op_types": list(INT8_OP_TYPES),
         "float_nodes": len(excluded),
     }
 
