@@ -128,5 +128,5 @@ def test_host_not_on_this_machine_is_one_error_line(tmp_path: Path) -> None:
 def test_threads_above_the_cpu_bound_is_one_error_line(tmp_path: Path) -> None:
     done = run_serve([str(tmp_path / "no-such-model"), "--threads", "100000"], tmp_path)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().startswith("Error: --threads: threads must be <= ")
+    assert done.stderr.strip().startswith("Error: --threads must be <= ")  # as predict/embed/features say it
     assert len(done.stderr.strip().splitlines()) == 1

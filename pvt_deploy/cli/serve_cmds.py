@@ -15,11 +15,10 @@ from pathlib import Path
 
 import click
 
-from pvt_deploy.cli import missing_extra
+from pvt_deploy.cli import missing_extra, runtime_config
 from pvt_deploy.errors import ServiceStartError
-from pvt_deploy.runtime.config import RuntimeConfig
 from pvt_deploy.runtime.sessions import DEVICES
-from pvt_deploy.serve.settings import ServeError, ServeSettings
+from pvt_deploy.serve.settings import ServeSettings
 
 GRACEFUL_SHUTDOWN_S = 30
 """How long SIGTERM waits for in-flight requests before closing their connections."""
@@ -94,16 +93,14 @@ def serve(
         from pvt_deploy.serve.instances import serve_threads
 
         threads = serve_threads(threads, instances)  # neither given: one single-threaded instance per CPU
-    try:
-        runtime = RuntimeConfig(
-            device=device,
-            precision=precision,
-            threads=threads,
-            batch_size=max_batch,
-            providers=tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None,
-        )
-    except ValueError as exc:
-        raise ServeError(f"{_option_of(str(exc))}{exc}") from None
+    runtime = runtime_config(
+        {"batch_size": "--max-batch"},
+        device=device,
+        precision=precision,
+        threads=threads,
+        batch_size=max_batch,
+        providers=tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None,
+    )
     settings = ServeSettings(
         model_dir=model_dir,
         runtime=runtime,
@@ -132,12 +129,6 @@ def serve(
         run_on_ray(settings, host=host, port=port, address=address, replicas=replicas, grpc_port=grpc_port)
         return
     _serve_locally(settings, listener, host)
-
-
-def _option_of(message: str) -> str:
-    field = message.split(" ", 1)[0]
-    option = {"threads": "--threads", "providers": "--providers", "batch_size": "--max-batch"}.get(field)
-    return f"{option}: " if option else ""
 
 
 def bind_listener(host: str, port: int, *, option: str = "") -> socket.socket:
