@@ -130,6 +130,19 @@ class DecodeBudget:
                 self._in_use -= nbytes
                 self._changed.notify_all()
 
+    @contextlib.contextmanager
+    def decoding(
+        self,
+        source: bytes | bytearray | memoryview | str | os.PathLike[str],
+        *,
+        max_pixels: int | None = None,
+        timeout: float | None,
+    ) -> Iterator[None]:
+        """Hold ``source``'s estimated decoded bytes (``estimate_decoded_bytes``, header only) while the caller
+        decodes it: the one estimate-then-reserve rule of every decoder (serve's uploads, the jobs' decode tasks)."""
+        with self.reserve(estimate_decoded_bytes(source, max_pixels=max_pixels) or 0, timeout=timeout):
+            yield
+
 
 _PROCESS_BUDGET: DecodeBudget | None = None
 _PROCESS_BUDGET_LOCK = threading.Lock()

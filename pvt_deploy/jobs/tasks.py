@@ -72,8 +72,7 @@ def decode_within_budget(path: str, decode: Callable[[str], T], max_pixels: int 
     """``decode(path)`` holding the image's estimated decoded bytes of the process's ``DecodeBudget``: it waits
     while other decodes hold the budget, and an image that alone needs more than the whole budget is an
     ``ImageError`` (that input's error row). The Ray engine's decode tasks decode through this."""
-    need = estimate_decoded_bytes(path, max_pixels=max_pixels) or 0
-    with process_decode_budget().reserve(need, timeout=None):
+    with process_decode_budget().decoding(path, max_pixels=max_pixels, timeout=None):
         return decode(path)
 
 

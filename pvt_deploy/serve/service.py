@@ -22,7 +22,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pvt_deploy import __version__
-from pvt_deploy.decode_budget import DecodeBudget, estimate_decoded_bytes
+from pvt_deploy.decode_budget import DecodeBudget
 from pvt_deploy.errors import ImageError
 from pvt_deploy.runtime import Runtime
 from pvt_deploy.serve.batching import InferenceBackend, Outputs
@@ -175,8 +175,7 @@ class Service:
 
     def _decode_one(self, data: bytes) -> np.ndarray:
         """One image -> its (3, H, W) row, holding its estimated decoded bytes of the budget while it decodes."""
-        need = estimate_decoded_bytes(data) or 0
-        with self.decode_budget.reserve(need, timeout=self.settings.decode_wait_s):
+        with self.decode_budget.decoding(data, timeout=self.settings.decode_wait_s):
             return self.runtime.preprocess([data])[0]
 
     def decode(self, uploads: list[Upload]) -> Decoded:
