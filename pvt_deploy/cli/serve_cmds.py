@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from pvt_deploy.cli import missing_extra, runtime_config
+from pvt_deploy.decode_budget import DEFAULT_DECODE_BUDGET_BYTES, MB
 from pvt_deploy.errors import ServiceStartError
 from pvt_deploy.runtime.sessions import DEVICES
 from pvt_deploy.serve.settings import ServeSettings
@@ -43,8 +44,8 @@ SERVE_MODULES = ("fastapi", "uvicorn", "httptools", "multipart", "prometheus_cli
               help="Larger request bodies get 413.")  # fmt: skip
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images admitted at once; beyond that, 503 with Retry-After.")  # fmt: skip
-@click.option("--max-decode-mb", type=click.FloatRange(min=1), default=1024.0, show_default=True,
-              help="Decoded image memory in flight; beyond it decodes wait, then 503.")  # fmt: skip
+@click.option("--max-decode-mb", type=click.FloatRange(min=1), default=DEFAULT_DECODE_BUDGET_BYTES / MB,
+              show_default=True, help="Decoded image memory in flight; beyond it decodes wait, then 503.")  # fmt: skip
 @click.option("--header-timeout-s", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="A connection that has not sent complete headers by then is closed.")  # fmt: skip
 @click.option("--body-timeout-s", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
