@@ -105,6 +105,18 @@ def test_bench_quick_on_tiny_export_writes_json_and_png(tiny_export_dir: Path, t
     assert cpu_line(machine) in result.output  # the table opens with the CPU it was measured on
 
 
+def test_spin_wait_variants_are_timed_beside_the_default_ones(tiny_export_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "spin.json"
+    args = ["bench", str(tiny_export_dir), "--quick", "--no-eager", "--batch-sizes", "1", "--spin-wait", "--out"]
+    result = CliRunner().invoke(cli, [*args, str(out), "--threads", "1,2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    variants = {run["variant"] for run in data["runs"]}
+    assert {"ort-cpu-fp32@2t", "ort-cpu-fp32-spin@2t", "ort-cpu-fp32@1t"} <= variants
+    assert "ort-cpu-fp32-spin@1t" not in variants  # one thread has no pool to spin
+    assert data["settings"]["spin_wait_variants"] is True
+
+
 def test_limits_per_variant() -> None:
     assert limit_for("pytorch-eager", "fp32", "cpu") == "torch-sgemm"
     assert limit_for("torch-compile", "fp32", "cpu") == "torch-sgemm"

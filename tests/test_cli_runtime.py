@@ -12,7 +12,7 @@ from click.testing import CliRunner, Result
 
 from pvt_deploy import Runtime
 from pvt_deploy.cli import cli
-from pvt_deploy.jobs.store import partial_dir
+from pvt_deploy.jobs.store import partial_dir, read_run_info
 from tests.test_runtime import EXPECTED_REASON, bad_corpus
 
 
@@ -295,6 +295,16 @@ def test_usage_mistakes_exit_2_with_one_error_line(model_dir: Path, tmp_path: Pa
     result = invoke("predict", model_dir, tmp_path / "*.jpg", "--device", "cpu")
     assert result.exit_code == 2
     assert error_lines(result) == [f"Error: {tmp_path / '*.jpg'}: no files match this pattern"]
+
+
+def test_spin_wait_reaches_the_runtime_and_the_run_metadata(
+    model_dir: Path, photo_paths: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "e.jsonl"
+    result = invoke("embed", model_dir, str(photo_paths[0]), "--out", out, "--threads", "2", "--spin-wait", "-q")
+    assert result.exit_code == 0, result.output
+    info = read_run_info(out)
+    assert info is not None and info["runtime"]["spin_wait"] is True and info["runtime"]["threads"] == 2
 
 
 def test_json_predictions_have_the_http_row_shape(model_dir: Path, runtime: Runtime, photo_paths: list[Path]) -> None:

@@ -311,6 +311,17 @@ def test_threads_option_reaches_the_session(model_dir: Path) -> None:
     assert runtime.session("classify").session.get_session_options().intra_op_num_threads == 1
 
 
+def test_spin_wait_option_reaches_the_session(model_dir: Path) -> None:
+    key = "session.intra_op.allow_spinning"
+    answers = {}
+    for spin_wait in (False, True):
+        runtime = Runtime(model_dir, device="cpu", threads=2, spin_wait=spin_wait)
+        answers[spin_wait] = runtime.classify(np.zeros((64, 64, 3), np.uint8))
+        options = runtime.session("classify").session.get_session_options()
+        assert options.get_session_config_entry(key) == ("1" if spin_wait else "0")
+    np.testing.assert_array_equal(answers[False], answers[True])  # a scheduling choice, never a numeric one
+
+
 def test_eight_threads_give_the_serial_results(model_dir: Path, photo_paths: list[Path]) -> None:
     runtime = Runtime(model_dir, device="cpu", batch_size=2)
     jobs = [photo_paths[i:] + photo_paths[:i] for i in range(6)] + [photo_paths[::-1], photo_paths[1::2]]

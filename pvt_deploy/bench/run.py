@@ -67,6 +67,7 @@ class BenchConfig:
     max_rounds: int = 50
     budget_s: float = 360.0  # steady-state seconds for all batch sizes of one thread setting together
     micro_batch: int | None = None  # Runtime batch_size; None lets the runtime choose
+    spin_wait: bool = False  # also time each CPU precision with spin-waiting pool threads (RuntimeConfig.spin_wait)
     checkpoint: Path | None = None
 
 
@@ -135,6 +136,8 @@ def _make_runners(config: BenchConfig, manifest: Manifest, threads: int, tmp: Pa
         if precision == "fp16" and device != "cuda":
             continue  # fp16 is the CUDA variant; ORT's CPU fp16 kernels are reference-speed only
         runners.append(OrtRuntimeRunner(config.model_dir, precision, "cpu", threads, config.micro_batch))
+        if config.spin_wait and threads > 1:  # one thread has no pool to spin
+            runners.append(OrtRuntimeRunner(config.model_dir, precision, "cpu", threads, config.micro_batch, True))
     if device == "cuda":
         import torch
 
@@ -199,6 +202,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None, bar: Any = 
             "budget_s": config.budget_s,
             "fidelity_inputs": images_note,
             "interleaved": True,
+            "spin_wait_variants": config.spin_wait,
         },
         "runs": [],
         "variants": {},

@@ -173,13 +173,22 @@ class OrtRuntimeRunner(Runner):
 
     engine = "onnxruntime"
 
-    def __init__(self, model_dir: Path, precision: str, device: str, threads: int, batch_size: int | None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        precision: str,
+        device: str,
+        threads: int,
+        batch_size: int | None,
+        spin_wait: bool = False,
+    ) -> None:
         super().__init__(threads)
         self.model_dir = model_dir
         self.precision = precision
         self.device = device
         self.batch_size = batch_size
-        self.name = f"ort-{device}-{precision}"
+        self.spin_wait = spin_wait
+        self.name = f"ort-{device}-{precision}" + ("-spin" if spin_wait else "")
         self.runtime: Any = None
         self._gpu_baseline_mb: float | None = None
 
@@ -194,6 +203,7 @@ class OrtRuntimeRunner(Runner):
             precision=self.precision,
             threads=self.threads,
             batch_size=self.batch_size,
+            spin_wait=self.spin_wait,
         )
         if self.device == "cuda" and self.runtime.active_device != "cuda":
             raise RunnerUnavailable("onnxruntime fell back to the CPU")

@@ -61,6 +61,7 @@ def _default_images() -> Path | None:
 @click.option("--rounds", type=int, help="Timed interleaved rounds per batch size [from --budget].")
 @click.option("--budget", "budget_s", default=360.0, show_default=True, help="Steady-state seconds per thread setting.")
 @click.option("--micro-batch", type=int, help="Runtime micro-batch size [the runtime's choice].")
+@click.option("--spin-wait", is_flag=True, help="Also time each CPU precision with spin-waiting threads ('-spin').")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="PyTorch weights, if not the manifest's source.")
 @click.option("--out", "out_json", type=click.Path(path_type=Path), help="JSON result [bench-<model>.json].")
 @click.option("--plot", "out_png", type=click.Path(path_type=Path), help="PNG plot [next to the JSON].")
@@ -79,6 +80,7 @@ def bench(
     rounds: int | None,
     budget_s: float,
     micro_batch: int | None,
+    spin_wait: bool,
     checkpoint: Path | None,
     out_json: Path | None,
     out_png: Path | None,
@@ -132,6 +134,7 @@ def bench(
             rounds=rounds,
             budget_s=budget_s,
             micro_batch=micro_batch,
+            spin_wait=spin_wait,
             checkpoint=checkpoint,
         )
         with tqdm(total=0, unit="call", leave=False, disable=None) as bar:

@@ -53,6 +53,11 @@ def _runtime_options(func: Any) -> Any:
         click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Micro-batch size."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads."),
         click.option(
+            "--spin-wait",
+            is_flag=True,
+            help="Pool threads spin between ops: lower latency on a machine left to this job (docs/speed.md).",
+        ),
+        click.option(
             "--exif-transpose",
             is_flag=True,
             help="Rotate images per their EXIF orientation first (phone photos; birder does not). Recorded.",

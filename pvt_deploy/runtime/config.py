@@ -42,6 +42,10 @@ class RuntimeConfig:
     """The largest image file read (``None``: no limit)."""
     max_pixels: int | None = MAX_PIXELS
     """The most pixels one image may have once its header is read (decompression bombs)."""
+    spin_wait: bool = False
+    """onnxruntime's pool threads spin between ops instead of sleeping. Off by default: spinning threads take the
+    cores that decoding and other processes need. On a machine left to one caller it cuts batch-1 latency (b2/384,
+    2 threads, quiet: 1.04-1.11x, docs/speed.md); with one thread there is no pool and it changes nothing."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

@@ -35,6 +35,7 @@ from pvt_deploy.runtime.sessions import (
     normalize_providers,
     provider_name,
     requested_providers,
+    session_options,
     warn_cpu_fallback,
 )
 
@@ -373,7 +374,8 @@ class Runtime:
         entry = self.manifest.image_entry(graph) if image else self.graph_entry(graph)
         self._verify(self._graph_files(entry))
         path = self.manifest.path(entry.file)
-        raw = create_session(path, self._providers, self.threads)
+        options = session_options(self.threads, allow_spinning=self.config.spin_wait)
+        raw = create_session(path, self._providers, self.threads, options)
         session = GraphSession(raw, entry.output_names, path.name)
         gpu_asked = provider_name(self._providers[0]) in GPU_PROVIDERS
         if gpu_asked and not session.on_cuda:
