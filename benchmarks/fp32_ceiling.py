@@ -14,7 +14,8 @@ the depthwise conv, GELU). This measures what removing that work could ever give
 The graphs are wrong on purpose (they are not the network); each is exported through the real pipeline (simplify,
 ``optimize_fp32``, parity with the same modified PyTorch module) from one seeded b2/384 checkpoint whose biases
 and LayerNorm affine are non-zero, as trained weights are (``--random-weights`` has zero biases, which drops every
-bias Add from the graph). ``spin`` runs the shipped graph with pool threads spin-waiting, for reference.
+bias Add from the graph). Each graph is also timed with pool threads spin-waiting (``-spin``,
+``RuntimeConfig.spin_wait``), which changes the scheduling, not the work.
 
     python benchmarks/fp32_ceiling.py --rounds 16 --out benchmarks/results/fp32_ceiling-b2-384-amd-epyc-avx2.json
 """
@@ -150,9 +151,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = biased_checkpoint(Path(tmp) / "b2_biased.pt")
         graphs = {name: export_variant(checkpoint, name, Path(tmp) / name) for name in MLP_VARIANTS}
-        sessions = {name: create_session(path, threads=args.threads) for name, path in graphs.items()}
-        spin_options = session_options(args.threads, allow_spinning=True)
-        sessions["shipped-spin"] = create_session(graphs["shipped"], options=spin_options)
+        sessions = {}
+        for name, path in graphs.items():
+            sessions[name] = create_session(path, threads=args.threads)
+            spinning = session_options(args.threads, allow_spinning=True)
+            sessions[f"{name}-spin"] = create_session(path, options=spinning)
         wait_for_quiet(args.quiet_below, args.max_wait_s)
         load_start = load_average()
         limit_before = ort_gemm_rate(args.threads, "fp32", calls=7)
