@@ -122,7 +122,7 @@ def runtime(model_dir: Path) -> Runtime:
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    options = ("--max-batch", "8", "--max-wait-ms", "30", "--providers", "CPUExecutionProvider")
+    options = ("--max-batch", "8", "--max-wait-ms", "30", "--providers", "CPUExecutionProvider", "--spin-wait")
     running = start_server(model_dir, tmp_path_factory.mktemp("server"), *options)
     yield running
     assert running.stop() == 0, "".join(running.log)
@@ -442,9 +442,10 @@ def test_model_publishes_the_preprocessing_contract(client: httpx.Client, model_
 
 
 def test_running_runtime_has_the_command_line_options(client: httpx.Client) -> None:
-    """``--max-batch 8 --providers CPUExecutionProvider`` reach the Runtime and its loaded session."""
+    """``--max-batch 8 --providers CPUExecutionProvider --spin-wait`` reach the Runtime and its loaded session."""
     runtime = client.get("/v1/model").json()["runtime"]
     assert runtime["batch_size"] == 8 and runtime["config"]["batch_size"] == 8
+    assert runtime["config"]["spin_wait"] is True
     assert runtime["config"]["providers"] == ["CPUExecutionProvider"]
     assert runtime["session_providers"] == ["CPUExecutionProvider"]
 

@@ -36,6 +36,8 @@ SERVE_MODULES = ("fastapi", "uvicorn", "httptools", "multipart", "prometheus_cli
               help="onnxruntime execution providers in order (overrides --device).")  # fmt: skip
 @click.option("--precision", default="fp32", show_default=True, help="An exported precision (fp32, int8...).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--spin-wait", is_flag=True,
+              help="Pool threads spin between ops (with --threads > 1 on a machine left to the service).")  # fmt: skip
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Most images gathered into one model call (the Runtime's batch size).")  # fmt: skip
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
@@ -69,6 +71,7 @@ def serve(
     providers: str | None,
     precision: str,
     threads: int | None,
+    spin_wait: bool,
     max_batch: int,
     max_wait_ms: float,
     max_body_mb: float,
@@ -99,6 +102,7 @@ def serve(
         device=device,
         precision=precision,
         threads=threads,
+        spin_wait=spin_wait,
         batch_size=max_batch,
         providers=tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None,
     )
