@@ -45,7 +45,7 @@ class RuntimeConfig:
     spin_wait: bool = False
     """onnxruntime's pool threads spin between ops instead of sleeping. Off by default: spinning threads take the
     cores that decoding and other processes need. On a machine left to one caller it cuts batch-1 latency (b2/384,
-    2 threads, quiet: 1.04-1.11x, docs/speed.md); with one thread there is no pool and it changes nothing."""
+    2 threads, quiet: 1.04-1.14x, docs/speed.md); with one thread there is no pool and it changes nothing."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

@@ -133,7 +133,7 @@ def session_options(
     no spinning measured 1.52x faster for back-to-back runs and 1.48x for decode+run (medians of an interleaved
     run; every round favoured it, 1.12x at worst; benchmarks/results/ort_session_ab-b2-384-amd-epyc-avx2.json),
     because spinning threads take the cores that decoding and other processes need. On a machine left to one caller
-    spinning is the faster one (1.04-1.11x, quiet), hence ``RuntimeConfig.spin_wait`` (docs/speed.md)."""
+    spinning is the faster one (1.04-1.14x, quiet), hence ``RuntimeConfig.spin_wait`` (docs/speed.md)."""
     levels = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
