@@ -375,7 +375,7 @@ class Runtime:
         self._verify(self._graph_files(entry))
         path = self.manifest.path(entry.file)
         options = session_options(self.threads, allow_spinning=self.config.spin_wait)
-        raw = create_session(path, self._providers, self.threads, options)
+        raw = create_session(path, self._providers, options=options)
         session = GraphSession(raw, entry.output_names, path.name)
         gpu_asked = provider_name(self._providers[0]) in GPU_PROVIDERS
         if gpu_asked and not session.on_cuda:
