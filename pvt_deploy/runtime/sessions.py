@@ -130,10 +130,11 @@ def session_options(
     threads: int | None = None, optimization: str = "all", allow_spinning: bool = False
 ) -> ort.SessionOptions:
     """Session options for every graph. Pool threads do not spin-wait by default: on b2/384 at 2 threads, batch 1,
-    no spinning measured 1.52x faster for back-to-back runs and 1.48x for decode+run (medians of an interleaved
-    run; every round favoured it, 1.12x at worst; benchmarks/results/ort_session_ab-b2-384-amd-epyc-avx2.json),
-    because spinning threads take the cores that decoding and other processes need. On a machine left to one caller
-    spinning is the faster one (1.04-1.14x, quiet), hence ``RuntimeConfig.spin_wait`` (docs/speed.md)."""
+    no spinning measured 1.52x faster at load 12-17 for back-to-back runs and 1.48x for decode+run (medians of an
+    interleaved run; every round favoured it, 1.12x at worst; results in
+    benchmarks/results/ort_session_ab-b2-384-amd-epyc-avx2.json), because spinning threads take the cores that
+    decoding and other processes need. On a machine left to one caller spinning is the faster one (1.04-1.14x,
+    quiet), hence ``RuntimeConfig.spin_wait`` (docs/speed.md)."""
     levels = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
